@@ -65,6 +65,8 @@ class CleaningReport:
     """Boxes entirely outside the image, dropped."""
     unknown_labels: int = 0
     """Boxes whose label is not a known class, dropped."""
+    unlabeled: int = 0
+    """Tasks without a usable annotation, left out."""
 
     def __add__(self, other: CleaningReport) -> CleaningReport:
         return CleaningReport(
@@ -72,6 +74,7 @@ class CleaningReport:
             self.dropped_empty + other.dropped_empty,
             self.dropped_outside + other.dropped_outside,
             self.unknown_labels + other.unknown_labels,
+            self.unlabeled + other.unlabeled,
         )
 
     @property
