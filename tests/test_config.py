@@ -1,0 +1,63 @@
+"""Config: parsing, validation, and the README listing every variable."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from magral_core.config import Config, ConfigError
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_defaults_without_environment() -> None:
+    config = Config.from_env({})
+    assert config.redis_url == ""
+    assert config.seed == 0
+    assert config.weights_dir == config.torch_home / "hub" / "checkpoints"
+
+
+def test_values_are_parsed_by_type() -> None:
+    config = Config.from_env(
+        {"MAGRAL_SEED": "7", "MAGRAL_SCORE_THRESHOLD": "0.25", "MAGRAL_HOME": "/tmp/x", "REDIS_URL": "redis://h"}
+    )
+    assert (config.seed, config.score_threshold, config.home, config.redis_url) == (
+        7, 0.25, Path("/tmp/x"), "redis://h"
+    )
+
+
+def test_overrides_win_over_environment() -> None:
+    assert Config.from_env({"MAGRAL_SEED": "7"}, seed=3).seed == 3
+
+
+def test_bad_value_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="MAGRAL_EPOCHS must be int, found 'ten'"):
+        Config.from_env({"MAGRAL_EPOCHS": "ten"})
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [({"MAGRAL_BUDGET": "0"}, "budget must be > 0"), ({"MAGRAL_DEVICE": "tpu"}, "device must be")],
+)
+def test_out_of_range_is_refused(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Config.from_env(env)
+
+
+def test_config_is_frozen() -> None:
+    config = Config.from_env({})
+    with pytest.raises(AttributeError):
+        config.seed = 1  # type: ignore[misc]
+
+
+def test_thread_count_follows_processes() -> None:
+    assert Config.from_env({}, threads=3).torch_threads == 3
+    assert Config.from_env({}, processes_per_machine=1000).torch_threads == 1
+
+
+def test_readme_lists_every_environment_variable() -> None:
+    text = README.read_text()
+    missing = [f.metadata["env"] for f in fields(Config) if f"`{f.metadata['env']}`" not in text]
+    assert not missing, f"README does not document {missing}"
