@@ -58,17 +58,17 @@ class Config:
     detector: str = field(default="frcnn_mobilenet_v2", metadata={"env": "MAGRAL_DETECTOR"})
     """Registered detector name (see `magral_core.detectors`). Default "frcnn_mobilenet_v2"."""
 
-    image_size: int = field(default=512, metadata={"env": "MAGRAL_IMAGE_SIZE"})
-    """Longest image side in pixels that detectors see (images are resized to fit). Default 512."""
+    image_size: int = field(default=448, metadata={"env": "MAGRAL_IMAGE_SIZE"})
+    """Longest image side in pixels that detectors see (images are resized to fit). Default 448."""
 
-    epochs: int = field(default=12, metadata={"env": "MAGRAL_EPOCHS"})
-    """Training epochs of the task detector per round. Default 12."""
+    epochs: int = field(default=8, metadata={"env": "MAGRAL_EPOCHS"})
+    """Training epochs of the task detector per round. Default 8."""
 
     batch_size: int = field(default=4, metadata={"env": "MAGRAL_BATCH_SIZE"})
     """Images per training step. Default 4."""
 
-    learning_rate: float = field(default=0.01, metadata={"env": "MAGRAL_LEARNING_RATE"})
-    """Peak SGD learning rate of detector training. Default 0.01."""
+    learning_rate: float = field(default=0.02, metadata={"env": "MAGRAL_LEARNING_RATE"})
+    """Peak SGD learning rate of detector training. Default 0.02."""
 
     score_threshold: float = field(default=0.05, metadata={"env": "MAGRAL_SCORE_THRESHOLD"})
     """Detections below this confidence are dropped at inference (0–1). Default 0.05."""
@@ -116,6 +116,10 @@ class Config:
     """New annotations needed before a webhook starts an automatic round (START_TRAINING always does).
     Default 10."""
 
+    round_timeout: int = field(default=6 * 3600, metadata={"env": "MAGRAL_ROUND_TIMEOUT"})
+    """Seconds one job of a round may run before rq stops it; also how long a project counts as busy after
+    a worker died mid-round. Default 21600 (6 h)."""
+
     max_request_bytes: int = field(default=32 * 1024 * 1024, metadata={"env": "MAGRAL_MAX_REQUEST_BYTES"})
     """Largest accepted HTTP request body in bytes; larger gets 413. Default 32 MiB."""
 
@@ -127,6 +131,14 @@ class Config:
 
     download_timeout: float = field(default=30.0, metadata={"env": "MAGRAL_DOWNLOAD_TIMEOUT"})
     """Seconds allowed for one image download or Label Studio API call. Default 30."""
+
+    allowed_image_hosts: str = field(default="*", metadata={"env": "MAGRAL_ALLOWED_IMAGE_HOSTS"})
+    """Hosts that task image URLs outside Label Studio may point to (server-side requests): "*" = any,
+    "none" = Label Studio only, else comma-separated `host` or `host:port`. Default "*"."""
+
+    image_cache_bytes: int = field(default=4 * 1024**3, metadata={"env": "MAGRAL_IMAGE_CACHE_BYTES"})
+    """Bytes of downloaded task images kept under `<home>/images`; least recently used go first.
+    Default 4 GiB."""
 
     port: int = field(default=9090, metadata={"env": "MAGRAL_PORT"})
     """TCP port of `magral serve`. Default 9090."""

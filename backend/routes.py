@@ -1,0 +1,197 @@
+"""The endpoints Label Studio calls, plus `/status`. None of them trains or loads weights for long:
+`/webhook` validates and enqueues, `/predict` answers from the served version (see `backend.predictions`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Blueprint, current_app, jsonify, request
+
+from backend.app import Services
+from backend.errors import ApiError
+from backend.predictions import UNTRAINED
+from backend.webhook import parse_event, project_id
+from magral_core.label_config import LabelConfig, LabelConfigError, parse_label_config
+from magral_core.store import StoreError
+
+log = logging.getLogger(__name__)
+blueprint = Blueprint("magral", __name__)
+
+
+def _services() -> Services:
+    services: Services = current_app.config["MAGRAL_SERVICES"]
+    return services
+
+
+def _json_object() -> Mapping[str, Any]:
+    """The request body as a JSON object; ApiError(400) otherwise."""
+    body = request.get_json(silent=True)
+    if body is None:
+        found = "an empty body" if not request.get_data(cache=True) else "a body that is not valid JSON"
+        raise ApiError(400, f"expected a JSON object (Content-Type: application/json), found {found}")
+    if not isinstance(body, Mapping):
+        raise ApiError(400, f"expected a JSON object, found a JSON {type(body).__name__}")
+    return body
+
+
+def _project(body: Mapping[str, Any], *fallbacks: Any) -> int:
+    for value in (body.get("project"), *fallbacks):
+        project = project_id(value)
+        if project is not None:
+            return project
+    raise ApiError(
+        400, f"expected 'project' as an id like 2 or '2.1795606833', found {body.get('project')!r:.80}"
+    )
+
+
+def _label_config(project: int, xml: Any) -> LabelConfig:
+    if not isinstance(xml, str) or not xml.strip():
+        xml = _services().store.load_label_config(project)
+    if xml is None:
+        raise ApiError(400, "expected 'label_config' (or an earlier /setup with 'schema'), found none")
+    try:
+        return parse_label_config(xml)
+    except LabelConfigError as exc:
+        raise ApiError(422, str(exc)) from None
+
+
+def _version_name(project: int) -> str:
+    return _services().store.current_version(project) or UNTRAINED
+
+
+@blueprint.get("/health")
+def health() -> Any:
+    return jsonify({"status": "UP", "model_class": "MAGRAL"})
+
+
+@blueprint.post("/setup")
+def setup() -> Any:
+    """Check the label config, remember how to reach Label Studio, answer the current model version."""
+    body = _json_object()
+    services = _services()
+    project = _project(body)
+    schema = body.get("schema")
+    if not isinstance(schema, str) or not schema.strip():
+        message = f"expected 'schema' (the project's label config XML), found {schema!r:.80}"
+        services.store.record_error(project, message, stage="setup")
+        raise ApiError(400, message)
+    try:
+        parse_label_config(schema)
+    except LabelConfigError as exc:
+        services.store.record_error(project, str(exc), stage="setup")
+        raise ApiError(422, str(exc)) from None
+    if services.store.load_label_config(project) != schema:
+        services.store.save_label_config(project, schema)
+    details = {k: body[k] for k in ("hostname", "access_token") if isinstance(body.get(k), str) and body[k]}
+    if details and services.store.load_connection(project) != details:
+        services.store.save_connection(project, details)
+    config = current_app.config["MAGRAL_CONFIG"]
+    if config.basic_auth_user and services.queue is not None:
+        services.queue.enqueue_webhook_auth(project, request.host_url, settings=services.settings)
+    return jsonify({"model_version": _version_name(project)})
+
+
+@blueprint.post("/predict")
+def predict() -> Any:
+    body = _json_object()
+    tasks = body.get("tasks")
+    if not isinstance(tasks, list) or not all(isinstance(t, Mapping) for t in tasks):
+        raise ApiError(400, f"expected 'tasks' to be a list of task objects, found {tasks!r:.80}")
+    for task in tasks:
+        if not isinstance(task.get("id"), int) or isinstance(task.get("id"), bool):
+            raise ApiError(400, f"expected every task to have an integer 'id', found {task.get('id')!r}")
+    if not tasks:
+        return jsonify({"results": []})
+    project = _project(body, tasks[0].get("project"))
+    config = _label_config(project, body.get("label_config"))
+    results = _services().predictor.predict(project, tasks, config)
+    return jsonify({"results": results})
+
+
+@blueprint.post("/webhook")
+def webhook() -> Any:
+    event = parse_event(_json_object())
+    services = _services()
+    if event.kind == "ignored":
+        return jsonify({"status": "ignored", "action": event.action, "reason": event.reason})
+    if services.queue is None:
+        raise ApiError(
+            503, "expected a job queue (REDIS_URL or `magral serve`), found none: event not queued"
+        )
+    assert event.project is not None  # every non-ignored event names its project
+    config = current_app.config["MAGRAL_CONFIG"]
+    answer: dict[str, Any] = {"action": event.action, "project": event.project}
+    if event.kind == "training":
+        answer["status"] = services.queue.start_training(event.project, settings=services.settings).value
+    elif event.kind == "annotations":
+        decision = services.queue.annotations_changed(
+            event.project, event.count, settings=services.settings, min_new=config.min_new_annotations
+        )
+        answer["status"] = decision.value
+        answer["pending_annotations"] = services.queue.pending_annotations(event.project)
+    else:
+        if services.store.current_version(event.project) is None:
+            answer["status"] = "ignored"
+            answer["reason"] = "no trained version yet: the first round scores these tasks"
+        else:
+            services.queue.enqueue_scoring(event.project, event.task_ids, settings=services.settings)
+            answer["status"] = "enqueued"
+    if event.warnings:
+        answer["warnings"] = list(event.warnings)
+    log.info("project=%s webhook %s → %s", event.project, event.action, answer["status"])
+    return jsonify(answer)
+
+
+@blueprint.get("/versions")
+def versions() -> Any:
+    store = _services().store
+    raw = request.args.get("project")
+    projects = [project_id(raw)] if raw is not None else store.projects()
+    if None in projects:
+        raise ApiError(400, f"expected ?project=<integer id>, found {raw!r}")
+    names = [v for p in projects if p is not None for v in store.list_versions(p)]
+    current = store.current_version(projects[0]) if raw is not None and projects[0] is not None else None
+    return jsonify({"versions": names, "model_version": current or UNTRAINED})
+
+
+@blueprint.get("/status")
+def status() -> Any:
+    services = _services()
+    raw = request.args.get("project")
+    if raw is not None and project_id(raw) is None:
+        raise ApiError(400, f"expected ?project=<integer id>, found {raw!r}")
+    projects = (
+        [p for p in [project_id(raw)] if p is not None] if raw is not None else services.store.projects()
+    )
+    return jsonify({"projects": [_project_status(services, p) for p in projects]})
+
+
+def _project_status(services: Services, project: int) -> dict[str, Any]:
+    store = services.store
+    rounds = []
+    for version in store.list_versions(project):
+        try:
+            metrics = store.load_metrics(project, version)
+        except StoreError as exc:
+            metrics = {"error": str(exc)}
+        rounds.append(
+            {k: metrics.get(k) for k in ("map", "ap50", "n_labeled", "n_unlabeled", "strategy")}
+            | {"version": version}
+        )
+    latest = rounds[-1] if rounds else {}
+    info: dict[str, Any] = {
+        "project": project,
+        "current_version": store.current_version(project),
+        "labeled": latest.get("n_labeled"),
+        "unlabeled": latest.get("n_unlabeled"),
+        "rounds": rounds,
+        "last_error": store.last_error(project),
+        "running": None,
+        "pending_annotations": None,
+    }
+    if services.queue is not None:
+        info["running"] = services.queue.running(project)
+        info["pending_annotations"] = services.queue.pending_annotations(project)
+    return info

@@ -1,0 +1,358 @@
+"""The rq jobs: importable module-level functions that take ids and a settings dict, never objects.
+
+`settings` is `settings_from_config(config)` of the process that enqueued the job (JSON-able); a job
+rebuilds its `Config` from it. Optional keys `client_factory` and `steps_factory` ("module:function") name
+the factories of the Label Studio client and of the round's steps (defaults: `make_client`,
+`rounds.default_steps`), so an embedding application or a test can swap them.
+
+Jobs let exceptions propagate (rq records the failure) after writing the error into the store, where
+`/status` reads it. Progress goes into `job.meta["progress"]` = {"stage", "fraction", "version"}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rq import Queue, get_current_job
+from rq.job import Dependency, Job
+
+from magral_core import ranking, rounds
+from magral_core.config import Config
+from magral_core.errors import UserError
+from magral_core.queueing import RoundQueue, finish_job_id, lut_job_id, prepare_job_id, round_job_id
+from magral_core.store import ModelStore
+
+log = logging.getLogger(__name__)
+
+
+# --- settings ---
+def settings_from_config(config: Config, **extra: Any) -> dict[str, Any]:
+    """A JSON-able dict of every config field (paths as strings), plus `extra` keys."""
+    settings: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        settings[f.name] = str(value) if isinstance(value, Path) else value
+    settings.update(extra)
+    return settings
+
+
+def config_from_settings(settings: Mapping[str, Any]) -> Config:
+    """The `Config` a settings dict describes (unknown keys ignored, paths restored)."""
+    names = {f.name: f for f in dataclasses.fields(Config)}
+    values: dict[str, Any] = {
+        k: (Path(v) if k in ("home", "torch_home") else v) for k, v in settings.items() if k in names
+    }
+    return Config(**values).replace()
+
+
+def store_for(config: Config) -> ModelStore:
+    """The model store of a config: `<home>/projects`."""
+    return ModelStore(config.home / "projects")
+
+
+def make_client(config: Config, store: ModelStore, project: int) -> Any:
+    """The Label Studio client of the config, falling back to the hostname/token `/setup` saw."""
+    from magral_core.labelstudio import LabelStudioClient
+
+    seen = store.load_connection(project)
+    return LabelStudioClient(
+        url=config.label_studio_url or seen.get("hostname", ""),
+        api_key=config.label_studio_api_key or seen.get("access_token", ""),
+        cache_dir=config.home / "images",
+        timeout=config.download_timeout,
+        max_image_bytes=config.max_image_bytes,
+        max_image_pixels=config.max_image_pixels,
+    )
+
+
+def _factory(settings: Mapping[str, Any], key: str, default: Any) -> Any:
+    path = settings.get(key)
+    if not path:
+        return default
+    module, _, name = str(path).partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _context(project: int, settings: Mapping[str, Any]) -> tuple[Config, ModelStore, Any, rounds.RoundSteps]:
+    config = config_from_settings(settings)
+    store = store_for(config)
+    return (config, store, *_tools(project, settings, config, store))
+
+
+def _tools(
+    project: int, settings: Mapping[str, Any], config: Config, store: ModelStore
+) -> tuple[Any, rounds.RoundSteps]:
+    """The Label Studio client and the round's steps (building the client may fail: no URL, no key)."""
+    client = _factory(settings, "client_factory", make_client)(config, store, project)
+    steps = _factory(settings, "steps_factory", rounds.default_steps)()
+    return client, steps
+
+
+def _coordinator(job: Job, config: Config) -> RoundQueue:
+    return RoundQueue(job.connection, queue_name=job.origin, round_timeout=config.round_timeout)
+
+
+def _reporter(job: Job | None, version: str) -> rounds.Progress:
+    def report(stage: str, fraction: float) -> None:
+        if job is None:
+            return
+        job.meta["progress"] = {"stage": stage, "fraction": round(float(fraction), 3), "version": version}
+        job.save_meta()
+
+    return report
+
+
+def _current_job() -> Job:
+    job = get_current_job()
+    if job is None:
+        raise RuntimeError("this function runs as an rq job (no current job found)")
+    return job
+
+
+def _fail(
+    project: int,
+    exc: BaseException,
+    *,
+    store: ModelStore,
+    staging: Path | None,
+    job: Job,
+    config: Config,
+    settings: Mapping[str, Any],
+) -> None:
+    """Record a failed round where /status reads it, drop its staging directory, let the next round start."""
+    store.record_error(project, f"{type(exc).__name__}: {exc}", stage="round")
+    if staging is not None:
+        store.discard(staging)
+    log.error("project=%s round failed: %s: %s", project, type(exc).__name__, exc)
+    _coordinator(job, config).end_round(project, settings=settings, min_new=config.min_new_annotations)
+
+
+# --- the round ---
+def start_round(project: int, settings: dict[str, Any]) -> str:
+    """The queued job `round-<p>`: mark the round active (consuming the events it covers), reserve its
+    version and hand the work to `prepare_round` (a separate job, so that a follow-up can be queued under
+    `round-<p>` again while the round runs). Returns the version being built."""
+    job = _current_job()
+    config = config_from_settings(settings)
+    store = store_for(config)
+    coordinator = _coordinator(job, config)
+    version = store.reserve_version(project)
+    state = coordinator.begin_round(project, job_id=job.id, version=version)
+    log.info(
+        "project=%s version=%s round started new_annotations=%d forced=%s",
+        project,
+        version,
+        state.new_annotations,
+        state.forced,
+    )
+    staging: Path | None = None
+    try:
+        staging = store.begin(project, version)
+        _drop_stale(job, prepare_job_id(project))
+        Queue(job.origin, connection=job.connection).enqueue_call(
+            "magral_core.jobs.prepare_round",
+            args=(project, str(staging), settings),
+            job_id=prepare_job_id(project),
+            timeout=config.round_timeout,
+            result_ttl=24 * 3600,
+            at_front=True,
+        )
+        coordinator.touch(project, job_id=prepare_job_id(project), version=version)
+        return version
+    except Exception as exc:
+        _fail(project, exc, store=store, staging=staging, job=job, config=config, settings=settings)
+        raise
+
+
+def prepare_round(project: int, staging: str, settings: dict[str, Any]) -> str:
+    """Train and score (see `rounds.prepare`), then fan out the look-up-table record jobs and the fan-in
+    `finish_round` job that depends on them. Returns the version being built."""
+    job = _current_job()
+    config = config_from_settings(settings)
+    store = store_for(config)
+    coordinator = _coordinator(job, config)
+    version = _version_of(staging)
+    try:
+        client, steps = _tools(project, settings, config, store)
+        plan = rounds.prepare(
+            project,
+            version,
+            Path(staging),
+            client=client,
+            store=store,
+            config=config,
+            steps=steps,
+            progress=_reporter(job, version),
+        )
+        queue = Queue(job.origin, connection=job.connection)
+        records = []
+        for index in range(plan.lut_records):
+            _drop_stale(job, lut_job_id(project, index))
+            records.append(
+                queue.enqueue_call(
+                    "magral_core.jobs.lut_record",
+                    args=(project, staging, index, settings),
+                    job_id=lut_job_id(project, index),
+                    timeout=config.round_timeout,
+                    result_ttl=3600,
+                    at_front=True,
+                )
+            )
+        _drop_stale(job, finish_job_id(project))
+        queue.enqueue_call(
+            "magral_core.jobs.finish_round",
+            args=(project, staging, settings),
+            job_id=finish_job_id(project),
+            timeout=config.round_timeout,
+            result_ttl=24 * 3600,
+            depends_on=Dependency(jobs=records, allow_failure=True, enqueue_at_front=True)
+            if records
+            else None,
+            at_front=True,
+            # what /status shows while the record jobs run
+            meta={
+                "progress": {
+                    "stage": "lookup_table",
+                    "fraction": 0.0,
+                    "version": version,
+                    "records": len(records),
+                }
+            },
+        )
+        coordinator.touch(project, job_id=finish_job_id(project), version=version)
+        return version
+    except Exception as exc:
+        _fail(project, exc, store=store, staging=Path(staging), job=job, config=config, settings=settings)
+        raise
+
+
+def lut_record(project: int, staging: str, index: int, settings: dict[str, Any]) -> str:
+    """One look-up-table record of a round (independent of the others). Returns the record's path."""
+    job = get_current_job()
+    config = config_from_settings(settings)
+    steps = _factory(settings, "steps_factory", rounds.default_steps)()
+    _reporter(job, _version_of(staging))("lookup_table", 0.0)
+    return str(rounds.lut_record(Path(staging), index, config=config, steps=steps))
+
+
+def finish_round(project: int, staging: str, settings: dict[str, Any]) -> str:
+    """Fan-in job: rank, push predictions, publish (see `rounds.finish`). Returns the published version."""
+    job = _current_job()
+    config = config_from_settings(settings)
+    store = store_for(config)
+    coordinator = _coordinator(job, config)
+    try:
+        client, steps = _tools(project, settings, config, store)
+        version = rounds.finish(
+            Path(staging),
+            client=client,
+            store=store,
+            config=config,
+            steps=steps,
+            progress=_reporter(job, _version_of(staging)),
+        )
+    except Exception as exc:
+        _fail(project, exc, store=store, staging=Path(staging), job=job, config=config, settings=settings)
+        raise
+    coordinator.end_round(project, settings=settings, min_new=config.min_new_annotations)
+    return version
+
+
+def _version_of(staging: str) -> str:
+    """The version a staging directory builds (`<version>.<random>`, see `ModelStore.begin`)."""
+    return Path(staging).name.split(".", 1)[0]
+
+
+def _drop_stale(job: Job, job_id: str) -> None:
+    """Remove a finished job of an earlier round that holds the id this round needs."""
+    if Job.exists(job_id, connection=job.connection):
+        Job.fetch(job_id, connection=job.connection).delete()
+
+
+# --- other jobs ---
+def score_tasks(project: int, task_ids: Sequence[int], settings: dict[str, Any]) -> int:
+    """Pre-annotate newly created tasks with the served version. They are not part of that version's ranking
+    yet, so they get score 1.0 (served after the ranked tasks) until the next round ranks them. Tasks whose
+    image cannot be fetched are skipped with a log line. Returns the number of predictions created."""
+    from magral_core.images import image_size
+    from magral_core.label_config import parse_label_config
+    from magral_core.structures import AnnotatedImage, DetectionDataset
+
+    config, store, client, steps = _context(project, settings)
+    version = store.current_version(project)
+    if version is None:
+        log.info("project=%s no version yet: %d new tasks wait for the first round", project, len(task_ids))
+        return 0
+    version_dir = store.version_dir(project, version)
+    wanted = {int(t) for t in task_ids} - set(rounds.load_predictions(version_dir))
+    label_config = parse_label_config(str(client.get_project(project).get("label_config", "")))
+    class_names = tuple(store.load_metrics(project, version)["class_names"])
+    images = []
+    for task in client.list_tasks(project, image_key=label_config.image_key):
+        if int(task.id) not in wanted or rounds.latest_annotation(task) is not None:
+            continue
+        try:
+            path = client.fetch_image(str(task.image), task_id=int(task.id))
+            width, height = image_size(path)
+        except UserError as exc:
+            log.warning("project=%s task=%s not scored: %s", project, task.id, exc)
+            continue
+        images.append(AnnotatedImage(int(task.id), str(path), width, height))
+    if not images:
+        return 0
+    model = steps.load_model(version_dir / rounds.DETECTOR_FILE)
+    detections, _ = steps.extract(model, DetectionDataset(Path("/"), class_names, tuple(images)), config)
+    predictions = [
+        ranking.task_prediction(
+            image.image_id,
+            ranking.detections_to_results(
+                det,
+                width=image.width,
+                height=image.height,
+                class_names=class_names,
+                config=label_config,
+                threshold=config.prediction_threshold,
+            ),
+            1.0,
+            version,
+        )
+        for image, det in zip(images, detections, strict=True)
+    ]
+    created = int(client.import_predictions(project, predictions))
+    log.info("project=%s version=%s scored new tasks=%d", project, version, created)
+    return created
+
+
+def secure_webhook(project: int, backend_url: str, settings: dict[str, Any]) -> int:
+    """Add the backend's basic-auth header to the project's webhooks that point at `backend_url` (Label Studio
+    sends none on its auto-created webhook). Returns how many webhooks were changed."""
+    import base64
+
+    config = config_from_settings(settings)
+    store = store_for(config)
+    client = _factory(settings, "client_factory", make_client)(config, store, project)
+    token = base64.b64encode(f"{config.basic_auth_user}:{config.basic_auth_pass}".encode()).decode()
+    changed = int(client.add_webhook_header(project, backend_url, {"Authorization": f"Basic {token}"}))
+    job = get_current_job()
+    if job is not None and changed:
+        _coordinator(job, config).webhook_auth_done(project)
+    log.info("project=%s basic auth added to %d webhook(s) of %s", project, changed, backend_url)
+    return changed
+
+
+__all__ = [
+    "config_from_settings",
+    "finish_round",
+    "lut_record",
+    "make_client",
+    "prepare_round",
+    "round_job_id",
+    "score_tasks",
+    "secure_webhook",
+    "settings_from_config",
+]
