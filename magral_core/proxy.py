@@ -1,0 +1,291 @@
+"""The semi-supervised proxy detector that turns a candidate batch into a look-up-table record (an mAP).
+
+CPU-feasible form of the paper's proxy: the round's task detector is frozen up to its RoI representation
+(backbone, FPN, RPN and the RoI MLP), so every image's proposals and their representations are computed
+once, for the image and (mirrored proposals) for its horizontal flip, and cached (`FrozenFeatures`). A
+record trains only a copy of the final classifier/regressor (`box_predictor`, starting from the task
+detector's weights) for a short schedule on
+
+    L_S + w(t) · L_U
+
+where L_S is the Faster R-CNN box-head loss on the labeled training part, and L_U a CSD-style flip
+consistency on the candidate batch (unlabeled): the same proposals are classified in the image and,
+mirrored, in the flipped image; L_U is the symmetric KL between the two class distributions plus the squared
+difference of the box offsets (the x offset negated for the flip), averaged over proposals whose best
+foreground probability beats the background. w(t) = w_max · exp(−5 (1 − t)²) ramps up over the first
+`rampup` of the steps (t = step / (rampup · steps), capped at 1).
+The record's value is COCO mAP@[.5:.95] on a validation part carved (seeded) from the labeled set: the test
+split is never touched. Works with detectors that have `rpn` and `roi_heads` (the Faster R-CNN family).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from magral_core.structures import DetectionDataset, Detections
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """Schedule of one proxy training (one look-up-table record)."""
+
+    epochs: int = 10
+    """Passes over the labeled training part, one labeled and one unlabeled image per step."""
+    learning_rate: float = 0.005
+    """SGD learning rate (momentum 0.9) of the box head."""
+    consistency_weight: float = 1.0
+    """w_max, the weight of L_U once ramped up."""
+    rampup: float = 0.5
+    """Fraction of the steps over which w(t) ramps up."""
+    val_fraction: float = 0.25
+    """Share of the labeled images carved off as the validation part (at least one image)."""
+    unlabeled_rois: int = 64
+    """Top proposals per unlabeled image used by the consistency loss."""
+    score_threshold: float = 0.05
+    """Detections below it are dropped before evaluation."""
+
+
+@dataclass
+class _Frozen:
+    """One image's frozen outputs in network-input pixels: proposals and their box-head representations in
+    the image and (mirrored proposals) in its flip, plus sizes."""
+
+    proposals: Tensor  # (P, 4)
+    reps: Tensor  # (P, D) box-head output for the proposals
+    reps_flip: Tensor  # (P, D) box-head output for the mirrored proposals in the flipped image
+    size: tuple[int, int]  # network-input (h, w)
+    scale: float  # network-input pixels per original pixel
+
+
+@dataclass
+class _Targets:
+    """Training targets of one labeled image over its proposals + ground-truth boxes."""
+
+    reps: Tensor  # (P + G, D)
+    labels: Tensor  # (P + G,) 0 = background
+    regression: Tensor  # (P + G, 4) encoded offsets to the matched ground truth
+
+
+class FrozenFeatures:
+    """Lazily computed, cached frozen outputs of `model` for the images of `dataset` (by position).
+
+    Frozen: backbone, FPN, RPN and the RoI MLP (`box_head`); only `box_predictor` is trained by the proxy.
+    """
+
+    def __init__(self, model: nn.Module, dataset: DetectionDataset) -> None:
+        if not (hasattr(model, "rpn") and hasattr(model, "roi_heads") and hasattr(model, "transform")):
+            raise ValueError("the proxy needs a two-stage detector with rpn and roi_heads (Faster R-CNN)")
+        from magral_core.detectors import detector_spec
+        from magral_core.engine import ImageCache
+
+        self.model: Any = model.eval()
+        self.dataset = dataset
+        self.images = ImageCache(dataset, detector_spec(model).image_size)
+        self._cache: dict[int, _Frozen] = {}
+        self._targets: dict[int, _Targets] = {}
+
+    def _reps(self, maps: dict[str, Tensor], boxes: Tensor, size: tuple[int, int]) -> Tensor:
+        heads = self.model.roi_heads
+        return heads.box_head(heads.box_roi_pool(maps, [boxes], [size]))  # (K, D)
+
+    @torch.no_grad()
+    def __getitem__(self, index: int) -> _Frozen:
+        if index not in self._cache:
+            pixels = self.images[index].pixels.float().div(255.0)  # (3, h, w)
+            batch, _ = self.model.transform([pixels, pixels.flip(-1)])
+            maps = self.model.backbone(batch.tensors)  # {"0": (2, C, h/16, w/16), ...}
+            if isinstance(maps, Tensor):
+                maps = {"0": maps}
+            first = {k: v[:1] for k, v in maps.items()}
+            second = {k: v[1:] for k, v in maps.items()}
+            one = type(batch)(batch.tensors[:1], batch.image_sizes[:1])
+            proposals = self.model.rpn(one, first)[0][0]  # (P, 4)
+            h, w = batch.image_sizes[0]
+            self._cache[index] = _Frozen(
+                proposals, self._reps(first, proposals, (h, w)),
+                self._reps(second, flip_boxes(proposals, w), (h, w)), (h, w),
+                w / self.dataset.images[index].width,
+            )
+        return self._cache[index]
+
+    @torch.no_grad()
+    def targets(self, index: int) -> _Targets:
+        """Representations, class labels (+1; 0 = background) and regression targets of a labeled image's
+        proposals and ground-truth boxes (crowd boxes dropped), matched as the detector's RoI heads do."""
+        if index not in self._targets:
+            f = self[index]
+            image = self.dataset.images[index]
+            keep = ~image.iscrowd
+            gt = torch.as_tensor(image.boxes_xyxy[keep], dtype=torch.float32).reshape(-1, 4) * f.scale
+            gt_labels = torch.as_tensor(image.labels[keep], dtype=torch.int64) + 1
+            heads = self.model.roi_heads
+            boxes = torch.cat([f.proposals, gt])  # (P + G, 4)
+            reps = torch.cat([f.reps, self._reps(self._maps(index), gt, f.size)]) if len(gt) else f.reps
+            matched, labels = heads.assign_targets_to_proposals([boxes], [gt], [gt_labels])
+            matched_gt = gt[matched[0]] if len(gt) else torch.zeros_like(boxes)
+            regression = heads.box_coder.encode([matched_gt], [boxes])[0]
+            self._targets[index] = _Targets(reps, labels[0], regression)
+        return self._targets[index]
+
+    def _maps(self, index: int) -> dict[str, Tensor]:
+        pixels = self.images[index].pixels.float().div(255.0)
+        batch, _ = self.model.transform([pixels])
+        maps = self.model.backbone(batch.tensors)
+        return {"0": maps} if isinstance(maps, Tensor) else dict(maps)
+
+
+def ramp(t: float) -> float:
+    """exp(−5 (1 − t)²) for t in [0, 1], 1 beyond: the usual sigmoid-shaped ramp-up."""
+    t = min(max(t, 0.0), 1.0)
+    return float(np.exp(-5.0 * (1.0 - t) ** 2))
+
+
+def flip_boxes(boxes: Tensor, width: int) -> Tensor:
+    """Mirror xyxy boxes (K, 4) in an image `width` pixels wide."""
+    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+
+
+def flip_consistency(logits: Tensor, logits_flip: Tensor, deltas: Tensor, deltas_flip: Tensor) -> Tensor:
+    """CSD consistency of K proposals seen in an image and (mirrored) in its flip.
+
+    `logits` (K, C+1) with background in column 0; `deltas` (K, (C+1)·4) box offsets (dx, dy, dw, dh) per
+    class. Returns the mean over proposals whose best foreground probability (in either view) beats the
+    background of symmetric KL(p ‖ p_flip) + KL(p_flip ‖ p) plus Σ over classes and offsets of the squared
+    difference, with dx of the flip negated; 0 when no proposal qualifies.
+    """
+    logp, logq = F.log_softmax(logits, -1), F.log_softmax(logits_flip, -1)
+    p, q = logp.exp(), logq.exp()
+    kl = (p * (logp - logq)).sum(-1) + (q * (logq - logp)).sum(-1)  # (K,)
+    a = deltas.reshape(len(deltas), -1, 4)
+    b = deltas_flip.reshape(len(deltas), -1, 4) * torch.tensor([-1.0, 1.0, 1.0, 1.0])
+    loc = ((a - b) ** 2).sum((1, 2))  # (K,)
+    mask = torch.maximum(p[:, 1:].max(-1).values, q[:, 1:].max(-1).values) > torch.minimum(p[:, 0], q[:, 0])
+    if not mask.any():
+        return logits.sum() * 0.0
+    return (kl + loc)[mask].mean()
+
+
+def train_head(
+    labeled: FrozenFeatures,
+    train: Sequence[int],
+    pool: FrozenFeatures,
+    unlabeled: Sequence[int],
+    settings: ProxySettings,
+    *,
+    seed: int,
+) -> nn.Module:
+    """A copy of the detector's `box_predictor` trained on L_S over `labeled[train]` + w(t)·L_U over
+    `pool[unlabeled]` (see module doc); one labeled and one unlabeled image per step."""
+    from torchvision.models.detection.roi_heads import fastrcnn_loss
+
+    heads = labeled.model.roi_heads
+    predictor: Any = copy.deepcopy(heads.box_predictor).train()
+    params = list(predictor.parameters())
+    optimiser = torch.optim.SGD(params, lr=settings.learning_rate, momentum=0.9, weight_decay=1e-4)
+    rng = np.random.default_rng(seed)
+    ramp_steps = max(1.0, settings.rampup * settings.epochs * max(1, len(train)))
+    step = 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the RoI sampler draws from the global generator
+        for _ in range(settings.epochs):
+            for k in rng.permutation(len(train)):
+                t = labeled.targets(int(train[int(k)]))
+                positive, negative = heads.fg_bg_sampler([t.labels])
+                idx = torch.where(positive[0] | negative[0])[0]
+                logits, deltas = predictor(t.reps[idx])
+                cls_loss, box_loss = fastrcnn_loss(logits, deltas, [t.labels[idx]], [t.regression[idx]])
+                loss = cls_loss + box_loss
+                if len(unlabeled):
+                    u = pool[int(unlabeled[int(rng.integers(len(unlabeled)))])]
+                    a = predictor(u.reps[: settings.unlabeled_rois])
+                    b = predictor(u.reps_flip[: settings.unlabeled_rois])
+                    weight = settings.consistency_weight * ramp(step / ramp_steps)
+                    loss = loss + weight * flip_consistency(a[0], b[0], a[1], b[1])
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 10.0)
+                optimiser.step()
+                step += 1
+    return predictor.eval()
+
+
+@torch.no_grad()
+def head_detections(frozen: FrozenFeatures, predictor: Any, indices: Sequence[int],
+                    score_threshold: float) -> list[Detections]:
+    """Detections of a trained predictor on cached images, in original pixels with 0-based labels."""
+    heads = frozen.model.roi_heads
+    out = []
+    for i in indices:
+        f = frozen[int(i)]
+        logits, deltas = predictor(f.reps)
+        boxes, scores, labels = heads.postprocess_detections(logits, deltas, [f.proposals], [f.size])
+        keep = scores[0] >= score_threshold
+        out.append(Detections(
+            (boxes[0][keep] / f.scale).numpy().astype(np.float32),
+            scores[0][keep].numpy().astype(np.float32),
+            (labels[0][keep] - 1).numpy().astype(np.int64),
+        ))
+    return out
+
+
+def carve_validation(labeled: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) split of the labeled positions: `fraction` of them (at least 1) to validation; with a
+    single labeled image it serves as both."""
+    labeled = np.asarray(labeled, dtype=np.int64)
+    if len(labeled) < 2:
+        return labeled, labeled
+    n_val = min(len(labeled) - 1, max(1, round(fraction * len(labeled))))
+    order = np.random.default_rng(seed).permutation(labeled)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+ProxyFn = Callable[[np.ndarray, int], float]
+
+
+def proxy_for(
+    model: nn.Module,
+    train: DetectionDataset,
+    pool: DetectionDataset,
+    val: DetectionDataset,
+    settings: ProxySettings = ProxySettings(),
+) -> ProxyFn:
+    """`proxy(batch, seed) -> mAP` for one round: the head trained on `train` (labeled) plus `pool` images
+    at positions `batch` (unlabeled), evaluated on `val`. `model` is the round's trained task detector.
+    Frozen features are computed on first use and shared by all calls.
+    """
+    from magral_core.evaluation import evaluate_coco
+
+    frozen_train, frozen_pool, frozen_val = (FrozenFeatures(model, d) for d in (train, pool, val))
+
+    def proxy(batch: np.ndarray, seed: int) -> float:
+        heads = train_head(frozen_train, range(len(train)), frozen_pool,
+                           [int(i) for i in np.asarray(batch).reshape(-1)], settings, seed=seed)
+        detections = head_detections(frozen_val, heads, range(len(val)), settings.score_threshold)
+        value = evaluate_coco(val, detections).map
+        return 0.0 if np.isnan(value) else float(value)
+
+    return proxy
+
+
+def make_proxy(
+    model: nn.Module,
+    dataset: DetectionDataset,
+    labeled: np.ndarray,
+    unlabeled: np.ndarray,
+    settings: ProxySettings = ProxySettings(),
+    *,
+    seed: int = 0,
+) -> ProxyFn:
+    """`proxy_for` with the validation part carved (seeded) from the `labeled` positions of `dataset`;
+    `batch` positions index `unlabeled`."""
+    train, val = carve_validation(labeled, settings.val_fraction, seed)
+    return proxy_for(model, dataset.subset(train.tolist()), dataset.subset(np.asarray(unlabeled).tolist()),
+                     dataset.subset(val.tolist()), settings)

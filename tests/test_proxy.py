@@ -1,0 +1,73 @@
+"""The semi-supervised proxy: flip consistency and ramp known answers, validation carving, and one tiny
+proxy training on real BCCD images (one of them stripped of its boxes)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from magral_core.datasets import load_dataset
+from magral_core.detectors import build_detector
+from magral_core.proxy import (
+    FrozenFeatures,
+    ProxySettings,
+    carve_validation,
+    flip_boxes,
+    flip_consistency,
+    make_proxy,
+    ramp,
+)
+
+
+def test_ramp() -> None:
+    assert ramp(0.0) == pytest.approx(math.exp(-5))
+    assert ramp(0.5) == pytest.approx(math.exp(-1.25))
+    assert ramp(1.0) == 1.0 and ramp(3.0) == 1.0
+
+
+def test_flip_boxes() -> None:
+    boxes = torch.tensor([[10.0, 5.0, 30.0, 25.0]])
+    assert flip_boxes(boxes, 100).tolist() == [[70.0, 5.0, 90.0, 25.0]]
+    assert torch.equal(flip_boxes(flip_boxes(boxes, 100), 100), boxes)
+
+
+def test_flip_consistency_known_answers() -> None:
+    logits = torch.tensor([[0.0, 2.0, 0.0], [3.0, 0.0, 0.0]])  # proposal 2 is background in both views
+    deltas = torch.randn(2, 12, generator=torch.Generator().manual_seed(0))
+    mirrored = deltas.reshape(2, 3, 4) * torch.tensor([-1.0, 1.0, 1.0, 1.0])
+    assert float(flip_consistency(logits, logits, deltas, mirrored.reshape(2, 12))) == pytest.approx(0.0)
+    other = torch.tensor([[0.0, 0.0, 2.0], [3.0, 0.0, 0.0]])
+    p = torch.softmax(logits[0], 0)
+    q = torch.softmax(other[0], 0)
+    kl = float((p * (p / q).log()).sum() + (q * (q / p).log()).sum())
+    got = flip_consistency(logits, other, deltas, mirrored.reshape(2, 12))
+    assert float(got) == pytest.approx(kl, rel=1e-5)  # only the foreground proposal counts
+    background = torch.tensor([[3.0, 0.0, 0.0]], requires_grad=True)
+    zero = flip_consistency(background, background, deltas[:1], deltas[:1])
+    assert float(zero.detach()) == 0.0 and zero.requires_grad
+
+
+def test_carve_validation() -> None:
+    train, val = carve_validation(np.arange(10, 30), 0.25, seed=0)
+    assert len(val) == 5 and len(train) == 15 and not set(train) & set(val)
+    assert sorted([*train, *val]) == list(range(10, 30))
+    assert carve_validation(np.arange(10, 30), 0.25, seed=0)[1].tolist() == val.tolist()
+    assert [a.tolist() for a in carve_validation(np.array([4]), 0.25, seed=0)] == [[4], [4]]
+
+
+def test_proxy_trains_and_is_deterministic(bccd_root, tmp_path) -> None:
+    data = load_dataset(bccd_root).split("train").subset(range(9))
+    empty = replace(data.images[1], boxes_xyxy=np.zeros((0, 4)), labels=np.zeros(0), iscrowd=np.zeros(0))
+    data = replace(data, images=(data.images[0], empty, *data.images[2:]))
+    model = build_detector("frcnn_mobilenet_v2", num_classes=3, image_size=96, weights_dir=tmp_path,
+                           pretrained=False, seed=0)
+    proxy = make_proxy(model, data, np.arange(5), np.arange(5, 9), ProxySettings(epochs=2), seed=0)
+    a = proxy(np.array([0, 1]), 3)
+    assert 0.0 <= a <= 1.0
+    assert proxy(np.array([0, 1]), 3) == a
+    with pytest.raises(ValueError, match="two-stage"):
+        FrozenFeatures(torch.nn.Linear(2, 2), data)
