@@ -20,15 +20,14 @@ from magral_core.store import ModelStore
 class Services:
     """What the endpoints talk to; tests pass their own (a fake client, a dedicated Redis db).
 
-    `queue` is None when no Redis is configured: `/webhook` then answers 503. `settings` is the dict every
-    enqueued job receives (see `magral_core.jobs.settings_from_config`).
+    `queue` is None when no Redis is configured: `/webhook` then answers 503. Enqueued jobs receive ids only;
+    workers read their own configuration (see `magral_core.jobs`).
     """
 
     store: ModelStore
     queue: RoundQueue | None
     client_for: Callable[[int], Any]
     predictor: Predictor
-    settings: dict[str, Any]
 
 
 def default_services(config: Config) -> Services:
@@ -45,13 +44,7 @@ def default_services(config: Config) -> Services:
     def client_for(project: int) -> Any:
         return jobs.make_client(config, store, project)
 
-    return Services(
-        store,
-        queue,
-        client_for,
-        Predictor(store, config, client_for=client_for),
-        jobs.settings_from_config(config),
-    )
+    return Services(store, queue, client_for, Predictor(store, config, client_for=client_for))
 
 
 def create_app(config: Config, *, services: Services | None = None) -> Flask:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from magral_core import ranking, rounds
+from magral_core import ranking, round_steps, rounds
 from magral_core.config import Config
 from magral_core.errors import UserError
 from magral_core.label_config import LabelConfig
@@ -46,7 +46,7 @@ class Predictor:
         config: Config,
         *,
         client_for: Callable[[int], Any],
-        steps: Callable[[], rounds.RoundSteps] = rounds.default_steps,
+        steps: Callable[[], rounds.RoundSteps] = round_steps.default_steps,
     ) -> None:
         self.store = store
         self.config = config

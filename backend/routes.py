@@ -89,7 +89,7 @@ def setup() -> Any:
         services.store.save_connection(project, details)
     config = current_app.config["MAGRAL_CONFIG"]
     if config.basic_auth_user and services.queue is not None:
-        services.queue.enqueue_webhook_auth(project, request.host_url, settings=services.settings)
+        services.queue.enqueue_webhook_auth(project, request.host_url)
     return jsonify({"model_version": _version_name(project)})
 
 
@@ -124,10 +124,10 @@ def webhook() -> Any:
     config = current_app.config["MAGRAL_CONFIG"]
     answer: dict[str, Any] = {"action": event.action, "project": event.project}
     if event.kind == "training":
-        answer["status"] = services.queue.start_training(event.project, settings=services.settings).value
+        answer["status"] = services.queue.start_training(event.project).value
     elif event.kind == "annotations":
         decision = services.queue.annotations_changed(
-            event.project, event.count, settings=services.settings, min_new=config.min_new_annotations
+            event.project, event.count, min_new=config.min_new_annotations
         )
         answer["status"] = decision.value
         answer["pending_annotations"] = services.queue.pending_annotations(event.project)
@@ -136,7 +136,7 @@ def webhook() -> Any:
             answer["status"] = "ignored"
             answer["reason"] = "no trained version yet: the first round scores these tasks"
         else:
-            services.queue.enqueue_scoring(event.project, event.task_ids, settings=services.settings)
+            services.queue.enqueue_scoring(event.project, event.task_ids)
             answer["status"] = "enqueued"
     if event.warnings:
         answer["warnings"] = list(event.warnings)

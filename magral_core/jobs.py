@@ -1,9 +1,10 @@
-"""The rq jobs: importable module-level functions that take ids and a settings dict, never objects.
+"""The rq jobs: importable module-level functions that take ids (project, staging directory of the round,
+record index, task ids), never objects and never configuration.
 
-`settings` is `settings_from_config(config)` of the process that enqueued the job (JSON-able); a job
-rebuilds its `Config` from it. Optional keys `client_factory` and `steps_factory` ("module:function") name
-the factories of the Label Studio client and of the round's steps (defaults: `make_client`,
-`rounds.default_steps`), so an embedding application or a test can swap them.
+Job arguments travel through Redis, so they carry no secret: the worker process reads its `Config` from its
+own environment once, in its entry (`magral worker`), and installs it here with `install(WorkerContext(...))`
+before it forks; every job reads it back with `context()`. The context also names the factories of the Label
+Studio client and of the round's steps, so an embedding application or a test can swap them.
 
 Jobs let exceptions propagate (rq records the failure) after writing the error into the store, where
 `/status` reads it. Progress goes into `job.meta["progress"]` = {"stage", "fraction", "version"}.
@@ -11,43 +12,22 @@ Jobs let exceptions propagate (rq records the failure) after writing the error i
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rq import Queue, get_current_job
 from rq.job import Dependency, Job
 
-from magral_core import ranking, rounds
+from magral_core import ranking, round_steps, rounds
 from magral_core.config import Config
 from magral_core.errors import UserError
 from magral_core.queueing import RoundQueue, finish_job_id, lut_job_id, prepare_job_id, round_job_id
 from magral_core.store import ModelStore
 
 log = logging.getLogger(__name__)
-
-
-# --- settings ---
-def settings_from_config(config: Config, **extra: Any) -> dict[str, Any]:
-    """A JSON-able dict of every config field (paths as strings), plus `extra` keys."""
-    settings: dict[str, Any] = {}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        settings[f.name] = str(value) if isinstance(value, Path) else value
-    settings.update(extra)
-    return settings
-
-
-def config_from_settings(settings: Mapping[str, Any]) -> Config:
-    """The `Config` a settings dict describes (unknown keys ignored, paths restored)."""
-    names = {f.name: f for f in dataclasses.fields(Config)}
-    values: dict[str, Any] = {
-        k: (Path(v) if k in ("home", "torch_home") else v) for k, v in settings.items() if k in names
-    }
-    return Config(**values).replace()
 
 
 def store_for(config: Config) -> ModelStore:
@@ -70,27 +50,47 @@ def make_client(config: Config, store: ModelStore, project: int) -> Any:
     )
 
 
-def _factory(settings: Mapping[str, Any], key: str, default: Any) -> Any:
-    path = settings.get(key)
-    if not path:
-        return default
-    module, _, name = str(path).partition(":")
-    return getattr(importlib.import_module(module), name)
+# --- the worker's context ---
+@dataclass(frozen=True)
+class WorkerContext:
+    """What the jobs of one worker process use.
+
+    `config` is the worker's own `Config.from_env()`; `client_factory(config, store, project)` builds the
+    Label Studio client (default `make_client`); `steps_factory()` gives a round's steps (default
+    `round_steps.default_steps`).
+    """
+
+    config: Config
+    client_factory: Callable[[Config, ModelStore, int], Any] = make_client
+    steps_factory: Callable[[], rounds.RoundSteps] = round_steps.default_steps
+
+    @property
+    def store(self) -> ModelStore:
+        return store_for(self.config)
+
+    def client(self, project: int) -> Any:
+        """The Label Studio client for `project` (may raise: no URL, no key)."""
+        return self.client_factory(self.config, self.store, project)
 
 
-def _context(project: int, settings: Mapping[str, Any]) -> tuple[Config, ModelStore, Any, rounds.RoundSteps]:
-    config = config_from_settings(settings)
-    store = store_for(config)
-    return (config, store, *_tools(project, settings, config, store))
+_installed: WorkerContext | None = None
 
 
-def _tools(
-    project: int, settings: Mapping[str, Any], config: Config, store: ModelStore
-) -> tuple[Any, rounds.RoundSteps]:
-    """The Label Studio client and the round's steps (building the client may fail: no URL, no key)."""
-    client = _factory(settings, "client_factory", make_client)(config, store, project)
-    steps = _factory(settings, "steps_factory", rounds.default_steps)()
-    return client, steps
+def install(worker_context: WorkerContext | None) -> None:
+    """Make `worker_context` what this process's jobs use (None uninstalls). Called by the worker entry
+    before the worker forks, so every work horse inherits it."""
+    global _installed
+    _installed = worker_context
+
+
+def context() -> WorkerContext:
+    """The installed context. Raises RuntimeError when none is (the job runs outside `magral worker`)."""
+    if _installed is None:
+        raise RuntimeError(
+            "expected a worker context installed by the worker entry (`magral worker`, or "
+            "jobs.install(WorkerContext(config)) before the worker starts), found none"
+        )
+    return _installed
 
 
 def _coordinator(job: Job, config: Config) -> RoundQueue:
@@ -114,33 +114,25 @@ def _current_job() -> Job:
     return job
 
 
-def _fail(
-    project: int,
-    exc: BaseException,
-    *,
-    store: ModelStore,
-    staging: Path | None,
-    job: Job,
-    config: Config,
-    settings: Mapping[str, Any],
-) -> None:
+def _fail(project: int, exc: BaseException, *, ctx: WorkerContext, staging: Path | None, job: Job) -> None:
     """Record a failed round where /status reads it, drop its staging directory, let the next round start."""
+    store = ctx.store
     store.record_error(project, f"{type(exc).__name__}: {exc}", stage="round")
     if staging is not None:
         store.discard(staging)
     log.error("project=%s round failed: %s: %s", project, type(exc).__name__, exc)
-    _coordinator(job, config).end_round(project, settings=settings, min_new=config.min_new_annotations)
+    _coordinator(job, ctx.config).end_round(project, min_new=ctx.config.min_new_annotations)
 
 
 # --- the round ---
-def start_round(project: int, settings: dict[str, Any]) -> str:
+def start_round(project: int) -> str:
     """The queued job `round-<p>`: mark the round active (consuming the events it covers), reserve its
     version and hand the work to `prepare_round` (a separate job, so that a follow-up can be queued under
     `round-<p>` again while the round runs). Returns the version being built."""
     job = _current_job()
-    config = config_from_settings(settings)
-    store = store_for(config)
-    coordinator = _coordinator(job, config)
+    ctx = context()
+    store = ctx.store
+    coordinator = _coordinator(job, ctx.config)
     version = store.reserve_version(project)
     state = coordinator.begin_round(project, job_id=job.id, version=version)
     log.info(
@@ -156,37 +148,36 @@ def start_round(project: int, settings: dict[str, Any]) -> str:
         _drop_stale(job, prepare_job_id(project))
         Queue(job.origin, connection=job.connection).enqueue_call(
             "magral_core.jobs.prepare_round",
-            args=(project, str(staging), settings),
+            args=(project, str(staging)),
             job_id=prepare_job_id(project),
-            timeout=config.round_timeout,
+            timeout=ctx.config.round_timeout,
             result_ttl=24 * 3600,
             at_front=True,
         )
         coordinator.touch(project, job_id=prepare_job_id(project), version=version)
         return version
     except Exception as exc:
-        _fail(project, exc, store=store, staging=staging, job=job, config=config, settings=settings)
+        _fail(project, exc, ctx=ctx, staging=staging, job=job)
         raise
 
 
-def prepare_round(project: int, staging: str, settings: dict[str, Any]) -> str:
+def prepare_round(project: int, staging: str) -> str:
     """Train and score (see `rounds.prepare`), then fan out the look-up-table record jobs and the fan-in
     `finish_round` job that depends on them. Returns the version being built."""
     job = _current_job()
-    config = config_from_settings(settings)
-    store = store_for(config)
+    ctx = context()
+    config = ctx.config
     coordinator = _coordinator(job, config)
     version = _version_of(staging)
     try:
-        client, steps = _tools(project, settings, config, store)
         plan = rounds.prepare(
             project,
             version,
             Path(staging),
-            client=client,
-            store=store,
+            client=ctx.client(project),
+            store=ctx.store,
             config=config,
-            steps=steps,
+            steps=ctx.steps_factory(),
             progress=_reporter(job, version),
         )
         queue = Queue(job.origin, connection=job.connection)
@@ -196,7 +187,7 @@ def prepare_round(project: int, staging: str, settings: dict[str, Any]) -> str:
             records.append(
                 queue.enqueue_call(
                     "magral_core.jobs.lut_record",
-                    args=(project, staging, index, settings),
+                    args=(project, staging, index),
                     job_id=lut_job_id(project, index),
                     timeout=config.round_timeout,
                     result_ttl=3600,
@@ -206,7 +197,7 @@ def prepare_round(project: int, staging: str, settings: dict[str, Any]) -> str:
         _drop_stale(job, finish_job_id(project))
         queue.enqueue_call(
             "magral_core.jobs.finish_round",
-            args=(project, staging, settings),
+            args=(project, staging),
             job_id=finish_job_id(project),
             timeout=config.round_timeout,
             result_ttl=24 * 3600,
@@ -227,39 +218,34 @@ def prepare_round(project: int, staging: str, settings: dict[str, Any]) -> str:
         coordinator.touch(project, job_id=finish_job_id(project), version=version)
         return version
     except Exception as exc:
-        _fail(project, exc, store=store, staging=Path(staging), job=job, config=config, settings=settings)
+        _fail(project, exc, ctx=ctx, staging=Path(staging), job=job)
         raise
 
 
-def lut_record(project: int, staging: str, index: int, settings: dict[str, Any]) -> str:
+def lut_record(project: int, staging: str, index: int) -> str:
     """One look-up-table record of a round (independent of the others). Returns the record's path."""
-    job = get_current_job()
-    config = config_from_settings(settings)
-    steps = _factory(settings, "steps_factory", rounds.default_steps)()
-    _reporter(job, _version_of(staging))("lookup_table", 0.0)
-    return str(rounds.lut_record(Path(staging), index, config=config, steps=steps))
+    ctx = context()
+    _reporter(get_current_job(), _version_of(staging))("lookup_table", 0.0)
+    return str(rounds.lut_record(Path(staging), index, config=ctx.config, steps=ctx.steps_factory()))
 
 
-def finish_round(project: int, staging: str, settings: dict[str, Any]) -> str:
+def finish_round(project: int, staging: str) -> str:
     """Fan-in job: rank, push predictions, publish (see `rounds.finish`). Returns the published version."""
     job = _current_job()
-    config = config_from_settings(settings)
-    store = store_for(config)
-    coordinator = _coordinator(job, config)
+    ctx = context()
     try:
-        client, steps = _tools(project, settings, config, store)
         version = rounds.finish(
             Path(staging),
-            client=client,
-            store=store,
-            config=config,
-            steps=steps,
+            client=ctx.client(project),
+            store=ctx.store,
+            config=ctx.config,
+            steps=ctx.steps_factory(),
             progress=_reporter(job, _version_of(staging)),
         )
     except Exception as exc:
-        _fail(project, exc, store=store, staging=Path(staging), job=job, config=config, settings=settings)
+        _fail(project, exc, ctx=ctx, staging=Path(staging), job=job)
         raise
-    coordinator.end_round(project, settings=settings, min_new=config.min_new_annotations)
+    _coordinator(job, ctx.config).end_round(project, min_new=ctx.config.min_new_annotations)
     return version
 
 
@@ -275,7 +261,7 @@ def _drop_stale(job: Job, job_id: str) -> None:
 
 
 # --- other jobs ---
-def score_tasks(project: int, task_ids: Sequence[int], settings: dict[str, Any]) -> int:
+def score_tasks(project: int, task_ids: Sequence[int]) -> int:
     """Pre-annotate newly created tasks with the served version. They are not part of that version's ranking
     yet, so they get score 1.0 (served after the ranked tasks) until the next round ranks them. Tasks whose
     image cannot be fetched are skipped with a log line. Returns the number of predictions created."""
@@ -283,11 +269,13 @@ def score_tasks(project: int, task_ids: Sequence[int], settings: dict[str, Any])
     from magral_core.label_config import parse_label_config
     from magral_core.structures import AnnotatedImage, DetectionDataset
 
-    config, store, client, steps = _context(project, settings)
+    ctx = context()
+    config, store = ctx.config, ctx.store
     version = store.current_version(project)
     if version is None:
         log.info("project=%s no version yet: %d new tasks wait for the first round", project, len(task_ids))
         return 0
+    client, steps = ctx.client(project), ctx.steps_factory()
     version_dir = store.version_dir(project, version)
     wanted = {int(t) for t in task_ids} - set(rounds.load_predictions(version_dir))
     label_config = parse_label_config(str(client.get_project(project).get("label_config", "")))
@@ -328,14 +316,14 @@ def score_tasks(project: int, task_ids: Sequence[int], settings: dict[str, Any])
     return created
 
 
-def secure_webhook(project: int, backend_url: str, settings: dict[str, Any]) -> int:
+def secure_webhook(project: int, backend_url: str) -> int:
     """Add the backend's basic-auth header to the project's webhooks that point at `backend_url` (Label Studio
     sends none on its auto-created webhook). Returns how many webhooks were changed."""
     import base64
 
-    config = config_from_settings(settings)
-    store = store_for(config)
-    client = _factory(settings, "client_factory", make_client)(config, store, project)
+    ctx = context()
+    config = ctx.config
+    client = ctx.client(project)
     token = base64.b64encode(f"{config.basic_auth_user}:{config.basic_auth_pass}".encode()).decode()
     changed = int(client.add_webhook_header(project, backend_url, {"Authorization": f"Basic {token}"}))
     job = get_current_job()
@@ -346,13 +334,16 @@ def secure_webhook(project: int, backend_url: str, settings: dict[str, Any]) -> 
 
 
 __all__ = [
-    "config_from_settings",
+    "WorkerContext",
+    "context",
     "finish_round",
+    "install",
     "lut_record",
     "make_client",
     "prepare_round",
     "round_job_id",
     "score_tasks",
     "secure_webhook",
-    "settings_from_config",
+    "start_round",
+    "store_for",
 ]

@@ -17,6 +17,9 @@ The rules, applied under a short per-project Redis lock:
 - an event while a round runs only counts; when the round ends (`end_round`, success or failure), ONE
   follow-up is enqueued if the counted events qualify, and later events coalesce into it.
 
+Job arguments are ids only (they travel through Redis: no configuration, no secret); the worker reads its
+configuration from its own environment (see `magral_core.jobs`).
+
 Deterministic job ids (rq allows letters, digits, "_" and "-" only): `round-<p>` (first step),
 `round-<p>-prepare`, `round-<p>-lut-<i>`, `round-<p>-finish`, `webhook-auth-<p>`.
 """
@@ -26,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -105,21 +108,19 @@ class RoundQueue:
         return self.connection.lock(self._key(project, "lock"), timeout=30, blocking_timeout=30)
 
     # --- events --------------------------------------------------------------------------------------------
-    def annotations_changed(
-        self, project: int, count: int, *, settings: Mapping[str, Any], min_new: int
-    ) -> Decision:
+    def annotations_changed(self, project: int, count: int, *, min_new: int) -> Decision:
         """Count `count` changed annotations and enqueue a round if they reach `min_new`."""
         with self._lock(project):
             self.connection.incrby(self._key(project, "new"), max(0, int(count)))
-            return self._enqueue_if_due(project, settings, min_new)
+            return self._enqueue_if_due(project, min_new)
 
-    def start_training(self, project: int, *, settings: Mapping[str, Any]) -> Decision:
+    def start_training(self, project: int) -> Decision:
         """START_TRAINING: a round always runs (now, or right after the running one)."""
         with self._lock(project):
             self.connection.set(self._key(project, "forced"), 1)
-            return self._enqueue_if_due(project, settings, min_new=0)
+            return self._enqueue_if_due(project, min_new=0)
 
-    def _enqueue_if_due(self, project: int, settings: Mapping[str, Any], min_new: int) -> Decision:
+    def _enqueue_if_due(self, project: int, min_new: int) -> Decision:
         if self._round_active(project):
             return Decision.DEFERRED
         job = self._fetch(round_job_id(project))
@@ -138,7 +139,7 @@ class RoundQueue:
             job.delete(remove_from_queue=True)
         self.queue.enqueue_call(
             "magral_core.jobs.start_round",
-            args=(int(project), dict(settings)),
+            args=(int(project),),
             job_id=round_job_id(project),
             timeout=self.round_timeout,
             result_ttl=24 * 3600,
@@ -164,11 +165,11 @@ class RoundQueue:
             self._key(project, "active"), self._active_value(job_id, version), ex=self.round_timeout
         )
 
-    def end_round(self, project: int, *, settings: Mapping[str, Any], min_new: int) -> Decision:
+    def end_round(self, project: int, *, min_new: int) -> Decision:
         """The round is over (published or failed): clear `active`, enqueue the follow-up if one is due."""
         with self._lock(project):
             self.connection.delete(self._key(project, "active"))
-            return self._enqueue_if_due(project, settings, min_new)
+            return self._enqueue_if_due(project, min_new)
 
     def _round_active(self, project: int) -> bool:
         """Whether a round runs; an `active` mark whose job has gone or ended without `end_round` (its worker
@@ -191,19 +192,19 @@ class RoundQueue:
         return json.dumps({"job_id": job_id, "version": version, "since": time.time()})
 
     # --- scoring -------------------------------------------------------------------------------------------
-    def enqueue_scoring(self, project: int, task_ids: Sequence[int], *, settings: Mapping[str, Any]) -> Job:
+    def enqueue_scoring(self, project: int, task_ids: Sequence[int]) -> Job:
         """Score newly created tasks with the current version."""
         ids = [int(t) for t in task_ids]
         return self.queue.enqueue_call(
             "magral_core.jobs.score_tasks",
-            args=(int(project), ids, dict(settings)),
+            args=(int(project), ids),
             timeout=self.round_timeout,
             result_ttl=3600,
             description=f"score {len(ids)} new tasks of project {project}",
         )
 
     # --- basic auth on the project webhook -----------------------------------------------------------------
-    def enqueue_webhook_auth(self, project: int, backend_url: str, *, settings: Mapping[str, Any]) -> bool:
+    def enqueue_webhook_auth(self, project: int, backend_url: str) -> bool:
         """Once per project: a job adding the basic-auth header to the project's webhook in Label Studio.
         Returns whether a job was enqueued (not when done before or already waiting)."""
         if self.connection.exists(self._key(project, "webhook_auth")):
@@ -216,7 +217,7 @@ class RoundQueue:
             job.delete()
         self.queue.enqueue_call(
             "magral_core.jobs.secure_webhook",
-            args=(int(project), backend_url, dict(settings)),
+            args=(int(project), backend_url),
             job_id=job_id,
             timeout=300,
             result_ttl=3600,

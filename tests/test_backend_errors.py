@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
 from redis import Redis
+from service_fixtures import LABEL_CONFIG, studio_with
 from test_backend_protocol import make_app, predict_body, webhook
-from test_queueing import connect
-from test_rounds import LABEL_CONFIG, studio_with
 
 from magral_core.queueing import RoundQueue
 
-
-@pytest.fixture
-def redis_db(tmp_path: Path) -> Iterator[Redis]:
-    conn = connect(tmp_path)
-    conn.flushdb()
-    yield conn
-    conn.flushdb()
+pytest_plugins = ["service_fixtures"]
 
 
 @pytest.fixture

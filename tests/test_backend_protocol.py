@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +10,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from redis import Redis
-from test_queueing import connect
-from test_rounds import LABEL_CONFIG, FakeStudio, studio_with, toy_config, toy_steps
+from service_fixtures import LABEL_CONFIG, FakeStudio, studio_with, toy_config, toy_steps
 
 from backend.app import Services, create_app
 from backend.predictions import Predictor
@@ -20,13 +18,7 @@ from magral_core import jobs, rounds
 from magral_core.config import Config
 from magral_core.queueing import RoundQueue, round_job_id
 
-
-@pytest.fixture
-def redis_db(tmp_path: Path) -> Iterator[Redis]:
-    conn = connect(tmp_path)
-    conn.flushdb()
-    yield conn
-    conn.flushdb()
+pytest_plugins = ["service_fixtures"]
 
 
 def make_app(
@@ -40,7 +32,6 @@ def make_app(
         RoundQueue(redis) if redis is not None else None,
         lambda project: studio,
         predictor,
-        jobs.settings_from_config(config),
     )
     return create_app(config, services=services), services
 

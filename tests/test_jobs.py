@@ -1,9 +1,11 @@
 """The rq jobs of a round, run by a real rq worker (in process) against Redis db 7, with the fake Label Studio
-and the toy steps of test_rounds."""
+and the toy steps of service_fixtures installed as the worker's context."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,102 +14,146 @@ import pytest
 from redis import Redis
 from rq import SimpleWorker
 from rq.job import Job, JobStatus
-from test_queueing import connect
-from test_rounds import FakeAnnotation, FakeStudio, box, studio_with, toy_config, toy_steps
+from service_fixtures import LABEL_CONFIG, FakeAnnotation, FakeStudio, box, studio_with, toy_config, toy_steps
 
 from magral_core import jobs, rounds
-from magral_core.config import Config
 from magral_core.queueing import Decision, RoundQueue, finish_job_id, lut_job_id
 from magral_core.store import ModelStore
 
-STUDIO: dict[str, Any] = {}
-EVENTS: dict[str, Any] = {}
+pytest_plugins = ["service_fixtures"]
 
-
-def fake_client(config: Config, store: ModelStore, project: int) -> FakeStudio:
-    """client_factory of the jobs: the studio the running test installed."""
-    return STUDIO["studio"]
-
-
-def steps_firing_events() -> rounds.RoundSteps:
-    """Toy steps whose first training receives 20 webhooks, as if annotators kept going."""
-    steps = toy_steps()
-
-    def train(dataset, previous, config, progress):
-        if not EVENTS.get("fired"):
-            EVENTS["fired"] = True
-            queue = EVENTS["queue"]
-            EVENTS["decisions"] = {
-                queue.annotations_changed(1, 1, settings=EVENTS["settings"], min_new=1) for _ in range(20)
-            }
-        return steps.train(dataset, previous, config, progress)
-
-    return rounds.RoundSteps(
-        train, steps.extract, steps.evaluate, steps.save_model, steps.load_model, steps.lut_record, steps.rank
-    )
+SECRETS = {"label_studio_api_key": "ls-key-0123456789abcdef", "basic_auth_pass": "s3cret-pass-xyz"}
 
 
 @pytest.fixture
-def redis_db(tmp_path: Path) -> Iterator[Redis]:
-    conn = connect(tmp_path)
-    conn.flushdb()
-    STUDIO.clear()
-    EVENTS.clear()
-    yield conn
-    conn.flushdb()
+def uninstall() -> Iterator[None]:
+    yield
+    jobs.install(None)
 
 
 def setup_round(
-    tmp_path: Path, redis_db: Redis, *, steps: str = "test_rounds:toy_steps", **changes: Any
-) -> tuple[RoundQueue, dict[str, Any], ModelStore, FakeStudio]:
+    tmp_path: Path, redis_db: Redis, *, steps: Any = toy_steps, **changes: Any
+) -> tuple[RoundQueue, ModelStore, FakeStudio]:
+    """A project with 3 labeled and 4 unlabeled tasks; the worker context of this process uses them."""
     studio = studio_with(tmp_path, labeled=[1, 2, 3], unlabeled=[4, 5, 6, 7])
-    STUDIO["studio"] = studio
-    config = toy_config(tmp_path / "home", **changes)
-    settings = jobs.settings_from_config(config, client_factory="test_jobs:fake_client", steps_factory=steps)
-    return RoundQueue(redis_db), settings, jobs.store_for(config), studio
+    config = toy_config(tmp_path / "home", **{**SECRETS, **changes})
+    jobs.install(
+        jobs.WorkerContext(config, client_factory=lambda config, store, project: studio, steps_factory=steps)
+    )
+    return RoundQueue(redis_db), jobs.store_for(config), studio
 
 
 def work(queue: RoundQueue) -> None:
     SimpleWorker([queue.queue], connection=queue.connection).work(burst=True)
 
 
-def test_settings_round_trip_to_the_same_config(tmp_path: Path) -> None:
-    config = toy_config(tmp_path, epochs=3, device="cpu")
-    assert jobs.config_from_settings(jobs.settings_from_config(config, extra=1)) == config
+def redis_contents(redis_db: Redis) -> bytes:
+    """Every value in the database (hash fields, strings, lists, sets), rq's compressed job data expanded."""
+    out: list[bytes] = []
+    for key in redis_db.scan_iter():
+        kind = redis_db.type(key)
+        values: list[Any] = []
+        if kind == b"hash":
+            values = [v for pair in redis_db.hgetall(key).items() for v in pair]
+        elif kind == b"string":
+            values = [redis_db.get(key)]
+        elif kind == b"list":
+            values = list(redis_db.lrange(key, 0, -1))
+        elif kind == b"set":
+            values = list(redis_db.smembers(key))
+        elif kind == b"zset":
+            values = list(redis_db.zrange(key, 0, -1))
+        for value in values:
+            raw = value if isinstance(value, bytes) else str(value).encode()
+            out.append(raw)
+            with contextlib.suppress(zlib.error):
+                out.append(zlib.decompress(raw))
+    return b"\n".join(out)
+
+
+pytestmark = pytest.mark.usefixtures("uninstall")
 
 
 def test_a_round_runs_as_a_chain_with_fanned_out_lut_records(tmp_path: Path, redis_db: Redis) -> None:
     # 6 records: 3 random ones fanned out as jobs, 3 near the policy left to the fan-in job
-    queue, settings, store, studio = setup_round(
-        tmp_path, redis_db, min_labeled_for_magral=1, lut_records=6, budget=2
-    )
-    assert queue.annotations_changed(1, 1, settings=settings, min_new=1) is Decision.ENQUEUED
+    queue, store, studio = setup_round(tmp_path, redis_db, min_labeled_for_magral=1, lut_records=6, budget=2)
+    assert queue.annotations_changed(1, 1, min_new=1) is Decision.ENQUEUED
     work(queue)
     assert store.current_version(1) == "magral-1-v0001"
     metrics = store.load_metrics(1, "magral-1-v0001")
     assert metrics["strategy"] == "magral" and metrics["lut_records"] == 3
     for index in range(3):
-        assert Job.fetch(lut_job_id(1, index), connection=redis_db).get_status() == JobStatus.FINISHED
+        job = Job.fetch(lut_job_id(1, index), connection=redis_db)
+        assert job.get_status() == JobStatus.FINISHED and job.args[2] == index
     finish = Job.fetch(finish_job_id(1), connection=redis_db)
     assert finish.get_status() == JobStatus.FINISHED and finish.meta["progress"]["stage"] == "pushing"
     assert sorted(p["task"] for p in studio.imported) == [4, 5, 6, 7]
     assert queue.running(1) is None and queue.queue.count == 0
 
 
+def test_no_secret_travels_through_redis(tmp_path: Path, redis_db: Redis) -> None:
+    queue, store, studio = setup_round(
+        tmp_path, redis_db, min_labeled_for_magral=1, lut_records=4, basic_auth_user="ls"
+    )
+    queue.start_training(1)
+    queue.enqueue_webhook_auth(1, "http://backend:9090/")
+    work(queue)
+    studio.add_task(8)
+    queue.enqueue_scoring(1, [8])
+    work(queue)
+    assert store.current_version(1) is not None and studio.headers and studio.imported[-1]["task"] == 8
+    contents = redis_contents(redis_db)
+    assert b"magral_core.jobs.lut_record" in contents  # the check reads job data at all
+    for secret in SECRETS.values():
+        assert secret.encode() not in contents
+
+
+def test_jobs_need_an_installed_worker_context(tmp_path: Path, redis_db: Redis) -> None:
+    queue, store, _ = setup_round(tmp_path, redis_db)
+    jobs.install(None)
+    queue.start_training(1)
+    work(queue)
+    failed = Job.fetch("round-1", connection=redis_db)
+    assert failed.get_status() == JobStatus.FAILED
+    assert "worker context" in (failed.latest_result().exc_string or "")  # type: ignore[union-attr]
+    assert store.current_version(1) is None
+
+
 def test_events_during_a_round_run_exactly_one_follow_up(tmp_path: Path, redis_db: Redis) -> None:
-    queue, settings, store, _ = setup_round(tmp_path, redis_db, steps="test_jobs:steps_firing_events")
-    EVENTS.update(queue=queue, settings=settings)
-    queue.annotations_changed(1, 1, settings=settings, min_new=1)
+    decisions: set[Decision] = set()
+
+    def steps_firing_events() -> rounds.RoundSteps:
+        """Toy steps whose first training receives 20 webhooks, as if annotators kept going."""
+        steps = toy_steps()
+
+        def train(dataset: Any, previous: Any, config: Any, progress: Any) -> Any:
+            if not decisions:
+                decisions.update(queue.annotations_changed(1, 1, min_new=1) for _ in range(20))
+            return steps.train(dataset, previous, config, progress)
+
+        return rounds.RoundSteps(
+            train,
+            steps.extract,
+            steps.evaluate,
+            steps.save_model,
+            steps.load_model,
+            steps.count_lut_records,
+            steps.lut_record,
+            steps.rank,
+        )
+
+    queue, store, _ = setup_round(tmp_path, redis_db, steps=steps_firing_events)
+    queue.annotations_changed(1, 1, min_new=1)
     work(queue)  # the burst worker runs the round, then the follow-up, then stops
-    assert EVENTS["decisions"] == {Decision.DEFERRED}
+    assert decisions == {Decision.DEFERRED}
     assert store.list_versions(1) == ["magral-1-v0001", "magral-1-v0002"]
     assert queue.queue.count == 0 and queue.pending_annotations(1) == 0
 
 
 def test_a_failing_round_records_its_error_and_frees_the_project(tmp_path: Path, redis_db: Redis) -> None:
-    queue, settings, store, studio = setup_round(tmp_path, redis_db)
+    queue, store, studio = setup_round(tmp_path, redis_db)
     studio.label_config = "<View><Image name='i' value='$image'/></View>"
-    queue.start_training(1, settings=settings)
+    queue.start_training(1)
     work(queue)
     error = store.last_error(1)
     assert error is not None and "RectangleLabels" in error["message"]
@@ -115,26 +161,20 @@ def test_a_failing_round_records_its_error_and_frees_the_project(tmp_path: Path,
     assert not list((store.project_dir(1) / "staging").iterdir())
     failed = Job.fetch("round-1-prepare", connection=redis_db)
     assert failed.get_status() == JobStatus.FAILED  # rq recorded it too
-    studio.label_config = rounds_label_config()
-    assert queue.start_training(1, settings=settings) is Decision.ENQUEUED
+    studio.label_config = LABEL_CONFIG
+    assert queue.start_training(1) is Decision.ENQUEUED
     work(queue)
     assert store.current_version(1) is not None and store.last_error(1) is None
 
 
-def rounds_label_config() -> str:
-    from test_rounds import LABEL_CONFIG
-
-    return LABEL_CONFIG
-
-
 def test_score_tasks_pre_annotates_new_tasks_with_the_served_version(tmp_path: Path, redis_db: Redis) -> None:
-    queue, settings, _, studio = setup_round(tmp_path, redis_db)
-    queue.start_training(1, settings=settings)
+    queue, _, studio = setup_round(tmp_path, redis_db)
+    queue.start_training(1)
     work(queue)
     studio.imported.clear()
     studio.add_task(8)
     studio.add_task(9, [FakeAnnotation(900, (box(1, 1, 5, 5, "RBC"),))])  # labeled meanwhile: not scored
-    queue.enqueue_scoring(1, [4, 8, 9], settings=settings)  # 4 is already scored by the round
+    queue.enqueue_scoring(1, [4, 8, 9])  # 4 is already scored by the round
     work(queue)
     assert [(p["task"], p["score"], p["model_version"]) for p in studio.imported] == [
         (8, 1.0, "magral-1-v0001")
@@ -143,11 +183,9 @@ def test_score_tasks_pre_annotates_new_tasks_with_the_served_version(tmp_path: P
 
 
 def test_secure_webhook_adds_basic_auth_once(tmp_path: Path, redis_db: Redis) -> None:
-    queue, settings, _, studio = setup_round(
-        tmp_path, redis_db, basic_auth_user="ls", basic_auth_pass="s3cret"
-    )
-    assert queue.enqueue_webhook_auth(1, "http://backend:9090/", settings=settings)
+    queue, _, studio = setup_round(tmp_path, redis_db, basic_auth_user="ls")
+    assert queue.enqueue_webhook_auth(1, "http://backend:9090/")
     work(queue)
-    token = base64.b64encode(b"ls:s3cret").decode()
+    token = base64.b64encode(f"ls:{SECRETS['basic_auth_pass']}".encode()).decode()
     assert studio.headers == [(1, "http://backend:9090/", {"Authorization": f"Basic {token}"})]
-    assert not queue.enqueue_webhook_auth(1, "http://backend:9090/", settings=settings)
+    assert not queue.enqueue_webhook_auth(1, "http://backend:9090/")

