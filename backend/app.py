@@ -57,6 +57,9 @@ def create_app(config: Config, *, services: Services | None = None) -> Flask:
     app.config["MAGRAL_SERVICES"] = services or default_services(config)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     register_error_handlers(app)
+    # Label Studio gives /setup 3 s; parsing the first label config imports the SDK's label interface
+    # (~1.6 s), so pay that once at start-up rather than inside a request.
+    import label_studio_sdk.label_interface  # noqa: F401
     if config.basic_auth_user:
         install_basic_auth(app, config.basic_auth_user, config.basic_auth_pass)
     app.register_blueprint(blueprint)

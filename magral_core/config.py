@@ -173,7 +173,8 @@ class Config:
     def validate(self) -> None:
         """Raise ConfigError when a value is out of its range."""
         positive = ("image_size", "epochs", "batch_size", "budget", "lut_records", "lut_neighbours",
-                    "processes_per_machine", "max_request_bytes", "max_image_bytes", "max_image_pixels")
+                    "processes_per_machine", "max_request_bytes", "max_image_bytes", "max_image_pixels",
+                    "image_cache_bytes", "round_timeout")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, found {getattr(self, name)}")

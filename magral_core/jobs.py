@@ -37,7 +37,7 @@ def store_for(config: Config) -> ModelStore:
 
 def make_client(config: Config, store: ModelStore, project: int) -> Any:
     """The Label Studio client of the config, falling back to the hostname/token `/setup` saw."""
-    from magral_core.labelstudio import LabelStudioClient
+    from magral_core.labelstudio import LabelStudioClient, parse_allowed_hosts
 
     seen = store.load_connection(project)
     return LabelStudioClient(
@@ -47,6 +47,8 @@ def make_client(config: Config, store: ModelStore, project: int) -> Any:
         timeout=config.download_timeout,
         max_image_bytes=config.max_image_bytes,
         max_image_pixels=config.max_image_pixels,
+        cache_bytes=config.image_cache_bytes,
+        allowed_hosts=parse_allowed_hosts(config.allowed_image_hosts),
     )
 
 
