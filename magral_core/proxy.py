@@ -21,7 +21,7 @@ split is never touched. Works with detectors that have `rpn` and `roi_heads` (th
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,36 +99,46 @@ class FrozenFeatures:
     @torch.no_grad()
     def __getitem__(self, index: int) -> _Frozen:
         if index not in self._cache:
-            pixels = self.images[index].pixels.float().div(255.0)  # (3, h, w)
-            batch, _ = self.model.transform([pixels, pixels.flip(-1)])
-            maps = self.model.backbone(batch.tensors)  # {"0": (2, C, h/16, w/16), ...}
-            if isinstance(maps, Tensor):
-                maps = {"0": maps}
-            first = {k: v[:1] for k, v in maps.items()}
-            second = {k: v[1:] for k, v in maps.items()}
-            one = type(batch)(batch.tensors[:1], batch.image_sizes[:1])
-            proposals = self.model.rpn(one, first)[0][0]  # (P, 4)
-            h, w = batch.image_sizes[0]
-            self._cache[index] = _Frozen(
-                proposals, self._reps(first, proposals, (h, w)),
-                self._reps(second, flip_boxes(proposals, w), (h, w)), (h, w),
-                w / self.dataset.images[index].width,
-            )
+            self._compute(index)
         return self._cache[index]
+
+    def _compute(self, index: int) -> dict[str, Tensor]:
+        """Cache image `index` (one backbone pass over it and its flip); returns the image's own maps."""
+        pixels = self.images[index].pixels.float().div(255.0)  # (3, h, w)
+        batch, _ = self.model.transform([pixels, pixels.flip(-1)])
+        maps = self.model.backbone(batch.tensors)  # {"0": (2, C, h/16, w/16), ...}
+        if isinstance(maps, Tensor):
+            maps = {"0": maps}
+        first = {k: v[:1] for k, v in maps.items()}
+        second = {k: v[1:] for k, v in maps.items()}
+        one = type(batch)(batch.tensors[:1], batch.image_sizes[:1])
+        proposals = self.model.rpn(one, first)[0][0]  # (P, 4)
+        h, w = batch.image_sizes[0]
+        self._cache[index] = _Frozen(
+            proposals, self._reps(first, proposals, (h, w)),
+            self._reps(second, flip_boxes(proposals, w), (h, w)), (h, w),
+            w / self.dataset.images[index].width,
+        )
+        return first
 
     @torch.no_grad()
     def targets(self, index: int) -> _Targets:
         """Representations, class labels (+1; 0 = background) and regression targets of a labeled image's
         proposals and ground-truth boxes (crowd boxes dropped), matched as the detector's RoI heads do."""
         if index not in self._targets:
-            f = self[index]
+            # the ground-truth boxes need the image's maps: reuse the caching pass when it happens here
+            maps = self._compute(index) if index not in self._cache else None
+            f = self._cache[index]
             image = self.dataset.images[index]
             keep = ~image.iscrowd
             gt = torch.as_tensor(image.boxes_xyxy[keep], dtype=torch.float32).reshape(-1, 4) * f.scale
             gt_labels = torch.as_tensor(image.labels[keep], dtype=torch.int64) + 1
             heads = self.model.roi_heads
             boxes = torch.cat([f.proposals, gt])  # (P + G, 4)
-            reps = torch.cat([f.reps, self._reps(self._maps(index), gt, f.size)]) if len(gt) else f.reps
+            reps = f.reps
+            if len(gt):
+                maps = maps if maps is not None else self._maps(index)
+                reps = torch.cat([f.reps, self._reps(maps, gt, f.size)])  # (P + G, D)
             matched, labels = heads.assign_targets_to_proposals([boxes], [gt], [gt_labels])
             matched_gt = gt[matched[0]] if len(gt) else torch.zeros_like(boxes)
             regression = heads.box_coder.encode([matched_gt], [boxes])[0]
@@ -153,6 +163,13 @@ def flip_boxes(boxes: Tensor, width: int) -> Tensor:
     return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
 
 
+def consistency_mask(logits: Tensor, logits_flip: Tensor) -> Tensor:
+    """(K,) bool: proposals whose best foreground probability, in either view, beats the background (the
+    proposals the consistency loss counts). `logits` (K, C+1), background in column 0."""
+    p, q = F.softmax(logits, -1), F.softmax(logits_flip, -1)
+    return torch.maximum(p[:, 1:].max(-1).values, q[:, 1:].max(-1).values) > torch.minimum(p[:, 0], q[:, 0])
+
+
 def flip_consistency(logits: Tensor, logits_flip: Tensor, deltas: Tensor, deltas_flip: Tensor) -> Tensor:
     """CSD consistency of K proposals seen in an image and (mirrored) in its flip.
 
@@ -163,11 +180,11 @@ def flip_consistency(logits: Tensor, logits_flip: Tensor, deltas: Tensor, deltas
     """
     logp, logq = F.log_softmax(logits, -1), F.log_softmax(logits_flip, -1)
     p, q = logp.exp(), logq.exp()
+    mask = consistency_mask(logits, logits_flip)
     kl = (p * (logp - logq)).sum(-1) + (q * (logq - logp)).sum(-1)  # (K,)
     a = deltas.reshape(len(deltas), -1, 4)
     b = deltas_flip.reshape(len(deltas), -1, 4) * torch.tensor([-1.0, 1.0, 1.0, 1.0])
     loc = ((a - b) ** 2).sum((1, 2))  # (K,)
-    mask = torch.maximum(p[:, 1:].max(-1).values, q[:, 1:].max(-1).values) > torch.minimum(p[:, 0], q[:, 0])
     if not mask.any():
         return logits.sum() * 0.0
     return (kl + loc)[mask].mean()
@@ -191,6 +208,9 @@ def train_head(
     params = list(predictor.parameters())
     optimiser = torch.optim.SGD(params, lr=settings.learning_rate, momentum=0.9, weight_decay=1e-4)
     rng = np.random.default_rng(seed)
+    # unlabeled draws from their own stream: the labeled order is then the same for every batch (and for
+    # none), so two records of one seed differ only by what their batches contain
+    unlabeled_rng = np.random.default_rng([seed, 1])
     ramp_steps = max(1.0, settings.rampup * settings.epochs * max(1, len(train)))
     step = 0
     with torch.random.fork_rng(devices=[]):
@@ -204,7 +224,7 @@ def train_head(
                 cls_loss, box_loss = fastrcnn_loss(logits, deltas, [t.labels[idx]], [t.regression[idx]])
                 loss = cls_loss + box_loss
                 if len(unlabeled):
-                    u = pool[int(unlabeled[int(rng.integers(len(unlabeled)))])]
+                    u = pool[int(unlabeled[int(unlabeled_rng.integers(len(unlabeled)))])]
                     a = predictor(u.reps[: settings.unlabeled_rois])
                     b = predictor(u.reps_flip[: settings.unlabeled_rois])
                     weight = settings.consistency_weight * ramp(step / ramp_steps)
@@ -250,29 +270,49 @@ def carve_validation(labeled: np.ndarray, fraction: float, seed: int) -> tuple[n
 ProxyFn = Callable[[np.ndarray, int], float]
 
 
+class CachedProxy:
+    """`proxy(batch, seed) -> mAP` for one round: the head trained on `train` (labeled) plus `pool` images
+    at positions `batch` (unlabeled), evaluated on `val`. `model` is the round's trained task detector.
+
+    Frozen outputs are computed on first use and shared by all calls; `warm` computes them up front (the
+    round's one-off caching, so record times can be measured without it).
+    """
+
+    def __init__(self, model: nn.Module, train: DetectionDataset, pool: DetectionDataset,
+                 val: DetectionDataset, settings: ProxySettings = ProxySettings()) -> None:
+        self.train, self.pool, self.val = (FrozenFeatures(model, d) for d in (train, pool, val))
+        self.settings = settings
+
+    def warm(self, pool_indices: Iterable[int] = ()) -> None:
+        """Cache every labeled training image (with its targets), every validation image and the pool
+        images at `pool_indices`."""
+        for i in range(len(self.train.dataset)):
+            self.train.targets(i)
+        for i in range(len(self.val.dataset)):
+            self.val[i]
+        for i in pool_indices:
+            self.pool[int(i)]
+
+    def __call__(self, batch: np.ndarray, seed: int) -> float:
+        from magral_core.evaluation import evaluate_coco
+
+        heads = train_head(self.train, range(len(self.train.dataset)), self.pool,
+                           [int(i) for i in np.asarray(batch).reshape(-1)], self.settings, seed=seed)
+        detections = head_detections(self.val, heads, range(len(self.val.dataset)),
+                                     self.settings.score_threshold)
+        value = evaluate_coco(self.val.dataset, detections).map
+        return 0.0 if np.isnan(value) else float(value)
+
+
 def proxy_for(
     model: nn.Module,
     train: DetectionDataset,
     pool: DetectionDataset,
     val: DetectionDataset,
     settings: ProxySettings = ProxySettings(),
-) -> ProxyFn:
-    """`proxy(batch, seed) -> mAP` for one round: the head trained on `train` (labeled) plus `pool` images
-    at positions `batch` (unlabeled), evaluated on `val`. `model` is the round's trained task detector.
-    Frozen features are computed on first use and shared by all calls.
-    """
-    from magral_core.evaluation import evaluate_coco
-
-    frozen_train, frozen_pool, frozen_val = (FrozenFeatures(model, d) for d in (train, pool, val))
-
-    def proxy(batch: np.ndarray, seed: int) -> float:
-        heads = train_head(frozen_train, range(len(train)), frozen_pool,
-                           [int(i) for i in np.asarray(batch).reshape(-1)], settings, seed=seed)
-        detections = head_detections(frozen_val, heads, range(len(val)), settings.score_threshold)
-        value = evaluate_coco(val, detections).map
-        return 0.0 if np.isnan(value) else float(value)
-
-    return proxy
+) -> CachedProxy:
+    """The round's `CachedProxy` (a `ProxyFn`)."""
+    return CachedProxy(model, train, pool, val, settings)
 
 
 def make_proxy(
@@ -283,7 +323,7 @@ def make_proxy(
     settings: ProxySettings = ProxySettings(),
     *,
     seed: int = 0,
-) -> ProxyFn:
+) -> CachedProxy:
     """`proxy_for` with the validation part carved (seeded) from the `labeled` positions of `dataset`;
     `batch` positions index `unlabeled`."""
     train, val = carve_validation(labeled, settings.val_fraction, seed)

@@ -81,6 +81,7 @@ def test_feature_cache_round_trip(tmp_path) -> None:
     cache.put(8, "v1", np.zeros(3), Detections.empty())
     emb, back = cache.get(7, "v1")  # type: ignore[misc]
     np.testing.assert_allclose(emb, [0, 1, 2])
+    assert back.class_probs is not None and d.class_probs is not None
     np.testing.assert_allclose(back.class_probs, d.class_probs)
     np.testing.assert_allclose(back.scores, d.scores)
     _, empty = cache.get(8, "v1")  # type: ignore[misc]

@@ -16,11 +16,14 @@ from magral_core.proxy import (
     FrozenFeatures,
     ProxySettings,
     carve_validation,
+    consistency_mask,
     flip_boxes,
     flip_consistency,
     make_proxy,
     ramp,
+    train_head,
 )
+from magral_core.structures import DetectionDataset
 
 
 def test_ramp() -> None:
@@ -37,6 +40,8 @@ def test_flip_boxes() -> None:
 
 def test_flip_consistency_known_answers() -> None:
     logits = torch.tensor([[0.0, 2.0, 0.0], [3.0, 0.0, 0.0]])  # proposal 2 is background in both views
+    assert consistency_mask(logits, logits).tolist() == [True, False]
+    assert consistency_mask(logits, logits[[1, 0]]).tolist() == [True, True]  # either view counts
     deltas = torch.randn(2, 12, generator=torch.Generator().manual_seed(0))
     mirrored = deltas.reshape(2, 3, 4) * torch.tensor([-1.0, 1.0, 1.0, 1.0])
     assert float(flip_consistency(logits, logits, deltas, mirrored.reshape(2, 12))) == pytest.approx(0.0)
@@ -69,5 +74,30 @@ def test_proxy_trains_and_is_deterministic(bccd_root, tmp_path) -> None:
     a = proxy(np.array([0, 1]), 3)
     assert 0.0 <= a <= 1.0
     assert proxy(np.array([0, 1]), 3) == a
+    warmed = make_proxy(model, data, np.arange(5), np.arange(5, 9), ProxySettings(epochs=2), seed=0)
+    warmed.warm([0, 1])  # the one-off caching, done up front: same value, nothing left to compute
+    assert len(warmed.train._targets) == len(warmed.train.dataset) and len(warmed.pool._cache) == 2
+    assert len(warmed.val._cache) == len(warmed.val.dataset) and warmed(np.array([0, 1]), 3) == a
     with pytest.raises(ValueError, match="two-stage"):
         FrozenFeatures(torch.nn.Linear(2, 2), data)
+
+
+def _head_weights(model: torch.nn.Module, data: DetectionDataset, batch: list[int], weight: float
+                  ) -> torch.Tensor:
+    frozen = FrozenFeatures(model, data)
+    settings = ProxySettings(epochs=2, consistency_weight=weight)
+    head = train_head(frozen, range(5), frozen, batch, settings, seed=3)
+    return torch.cat([p.detach().flatten() for p in head.parameters()])
+
+
+def test_only_the_batch_content_changes_the_head(bccd_root, tmp_path) -> None:
+    data = load_dataset(bccd_root).split("train").subset(range(9))
+    model = build_detector("frcnn_mobilenet_v2", num_classes=3, image_size=96, weights_dir=tmp_path,
+                           pretrained=False, seed=0)
+    # without the consistency term the batch cannot matter: any batch, or none, trains the same head
+    inert = [_head_weights(model, data, batch, 0.0) for batch in ([5, 6], [7, 8], [])]
+    assert torch.equal(inert[0], inert[1]) and torch.equal(inert[0], inert[2])
+    with torch.no_grad():  # a head that calls every proposal foreground, so the consistency term counts
+        bias = model.get_parameter("roi_heads.box_predictor.cls_score.bias")
+        bias.copy_(torch.tensor([0.0, 3.0, 0.0, 0.0]))
+    assert not torch.equal(_head_weights(model, data, [5, 6], 1.0), _head_weights(model, data, [7, 8], 1.0))

@@ -22,8 +22,8 @@ from magral_core.config import Config
 from magral_core.errors import UserError
 from magral_core.policy_training import TrainingSettings
 from magral_core.simulation import (
+    DetectorLearner,
     Metrics,
-    ProxyFn,
     RoundRecord,
     RoundStore,
     SimulationSettings,
@@ -33,7 +33,7 @@ from magral_core.simulation import (
     write_atomic,
     write_reports,
 )
-from magral_core.strategies import STRATEGIES, MagralSettings, Pool
+from magral_core.strategies import STRATEGIES, MagralSettings
 
 log = logging.getLogger(__name__)
 
@@ -85,58 +85,6 @@ def parse_settings(args: argparse.Namespace, config: Config) -> SimulationSettin
         if value < low:
             raise UserError(f"--{flag} must be >= {low}, found {value}")
     return SimulationSettings(args.initial, budget, args.rounds, tuple(strategies), seeds)
-
-
-class DetectorLearner:
-    """The configured detector on a dataset's pool split, measured on its test split.
-
-    `train` builds a fresh detector (seeded) and trains it on the labeled pool images; `pool` runs one
-    `extract` pass over pool images; `proxy` trains `magral_core.proxy` on a validation part carved from the
-    labeled images, with the candidate batch unlabeled. Only `evaluate` reads the test split.
-    """
-
-    def __init__(self, pool: Any, test: Any, config: Config) -> None:
-        self.pool_data = pool
-        self._test = test
-        self.config = config
-
-    @property
-    def pool_size(self) -> int:
-        return len(self.pool_data)
-
-    def train(self, labeled: np.ndarray, *, seed: int) -> Any:
-        from magral_core.detectors import build_detector
-        from magral_core.engine import train_detector
-
-        model = build_detector(self.config.detector, num_classes=self.pool_data.num_classes,
-                               image_size=self.config.image_size, weights_dir=self.config.weights_dir,
-                               seed=seed)
-        train_detector(model, self.pool_data.subset(labeled.tolist()), epochs=self.config.epochs,
-                       batch_size=self.config.batch_size, learning_rate=self.config.learning_rate, seed=seed,
-                       device=self.config.device)
-        return model
-
-    def evaluate(self, state: Any) -> Metrics:
-        from magral_core.engine import predict
-        from magral_core.evaluation import evaluate_coco
-
-        result = evaluate_coco(self._test, predict(state, self._test,
-                                                   score_threshold=self.config.score_threshold))
-        return Metrics(result.map, result.ap50, dict(result.per_class_ap))
-
-    def pool(self, state: Any, unlabeled: np.ndarray, labeled: np.ndarray) -> Pool:
-        from magral_core.engine import extract
-
-        detections, embeddings = extract(state, self.pool_data.subset(unlabeled.tolist()),
-                                         score_threshold=self.config.score_threshold)
-        _, labeled_embeddings = extract(state, self.pool_data.subset(labeled.tolist()))
-        return Pool(embeddings, tuple(detections), labeled_embeddings)
-
-    def proxy(self, state: Any, labeled: np.ndarray, unlabeled: np.ndarray) -> ProxyFn | None:
-        from magral_core.proxy import ProxySettings, make_proxy
-
-        settings = ProxySettings(score_threshold=self.config.score_threshold)
-        return make_proxy(state, self.pool_data, labeled, unlabeled, settings, seed=self.config.seed)
 
 
 def build_learner(args: argparse.Namespace, config: Config) -> Any:

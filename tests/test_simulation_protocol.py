@@ -1,0 +1,133 @@
+"""The active-learning protocol's bookkeeping, its isolation of the test split and resumption."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import fields
+
+import numpy as np
+import pytest
+
+from magral_core.simulation import (
+    Metrics,
+    RoundContext,
+    RoundStore,
+    SimulationSettings,
+    ToyLearner,
+    ToyState,
+    initial_labeled,
+    make_factory,
+    run_curve,
+    run_simulation,
+)
+from magral_core.strategies import Pick, Pool, make_strategy
+
+SETTINGS = SimulationSettings(
+    initial=10, budget=5, rounds=4, strategies=("random", "entropy_max"), seeds=(0, 1)
+)
+
+
+def test_pool_shrinks_labeled_grows_and_no_image_is_chosen_twice() -> None:
+    learner = ToyLearner(60)
+    records = run_simulation(learner, SETTINGS)
+    assert len(records) == 2 * 2 * 5
+    for name in SETTINGS.strategies:
+        for seed in SETTINGS.seeds:
+            curve = [r for r in records if (r.strategy, r.seed) == (name, seed)]
+            assert [r.n_labeled for r in curve] == [10, 15, 20, 25, 30]
+            assert curve[0].labeled == initial_labeled(60, 10, seed).tolist()
+            chosen: list[int] = []
+            for before, after in itertools.pairwise(curve):
+                assert not set(before.selected) & set(before.labeled)
+                assert sorted(after.labeled) == sorted(before.labeled + before.selected)
+                chosen += before.selected
+            assert len(chosen) == len(set(chosen)) == 20
+            assert curve[-1].selected == []
+            assert set(curve[0].times) == {"train", "evaluate", "features", "fit_strategy", "select"}
+
+
+def test_round_zero_is_trained_once_per_seed() -> None:
+    trained: list[int] = []
+
+    class Counting(ToyLearner):
+        def train(self, labeled: np.ndarray, *, seed: int) -> ToyState:
+            trained.append(seed)
+            return super().train(labeled, seed=seed)
+
+    records = run_simulation(Counting(60), SETTINGS)
+    # per seed: round 0 once, then rounds 1..4 for each of the two strategies
+    assert len(trained) == 2 * (1 + 2 * 4)
+    first = [r for r in records if r.round == 0]
+    assert {(r.seed, r.map) for r in first} == {(r.seed, r.map) for r in first if r.strategy == "random"}
+
+
+class SpyLearner(ToyLearner):
+    """A toy learner with a test split whose embeddings are huge: any leak into a Pool is visible."""
+
+    def __init__(self) -> None:
+        super().__init__(40)
+        self.test_embeddings = np.full((10, self.embeddings.shape[1]), 1e6)
+        self.calls: list[str] = []
+
+    def evaluate(self, state: ToyState) -> Metrics:
+        self.calls.append("evaluate")
+        return super().evaluate(state)
+
+    def pool(self, state: ToyState, unlabeled: np.ndarray, labeled: np.ndarray) -> Pool:
+        assert not set(unlabeled.tolist()) & set(labeled.tolist())
+        assert sorted([*unlabeled.tolist(), *labeled.tolist()]) == list(range(self.pool_size))
+        self.calls.append("pool")
+        return super().pool(state, unlabeled, labeled)
+
+
+def test_selection_never_sees_the_test_split() -> None:
+    learner = SpyLearner()
+    seen: list[RoundContext] = []
+
+    class Watchful:
+        name = "watchful"
+
+        def rank(self, pool: Pool, budget: int, rng: np.random.Generator) -> list[Pick]:
+            assert np.abs(pool.embeddings).max() < 1e5 and np.abs(pool.labeled_embeddings).max() < 1e5
+            return make_strategy("random").rank(pool, budget, rng)
+
+    def factory(name: str, context: RoundContext) -> Watchful:
+        seen.append(context)
+        return Watchful()
+
+    run_curve(learner, "watchful", 0, SimulationSettings(initial=5, budget=5, rounds=3), factory=factory)
+    assert learner.calls == ["evaluate", "pool"] * 3 + ["evaluate"]
+    # a factory gets pool data and the proxy only: nothing that could evaluate on the test split
+    assert {f.name for f in fields(RoundContext)} == {
+        "round", "seed", "budget", "labeled", "unlabeled", "pool", "proxy"
+    }
+    assert all(len(c.pool) == len(c.unlabeled) for c in seen)
+
+
+def test_magral_needs_a_proxy() -> None:
+    learner = ToyLearner(30)
+    learner.proxy = lambda *args: None  # type: ignore[method-assign, assignment]
+    with pytest.raises(ValueError, match="proxy"):
+        run_curve(learner, "magral", 0, SimulationSettings(initial=5, budget=5, rounds=1),
+                  factory=make_factory())
+
+
+def test_a_killed_run_resumes_from_the_saved_rounds(tmp_path) -> None:
+    settings = SimulationSettings(initial=10, budget=5, rounds=4, strategies=("random",))
+    first = run_simulation(ToyLearner(60), settings, store=RoundStore(tmp_path))
+    for r in (3, 4):
+        RoundStore(tmp_path).path("random", 0, r).unlink()
+    trained: list[int] = []
+
+    class Counting(ToyLearner):
+        def train(self, labeled: np.ndarray, *, seed: int) -> ToyState:
+            trained.append(len(labeled))
+            return super().train(labeled, seed=seed)
+
+    again = run_simulation(Counting(60), settings, store=RoundStore(tmp_path))
+    assert trained == [25, 30]
+    assert [r.selected for r in again] == [r.selected for r in first]
+    assert [r.map for r in again] == pytest.approx([r.map for r in first])
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
