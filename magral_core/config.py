@@ -61,8 +61,8 @@ class Config:
     image_size: int = field(default=448, metadata={"env": "MAGRAL_IMAGE_SIZE"})
     """Longest image side in pixels that detectors see (images are resized to fit). Default 448."""
 
-    epochs: int = field(default=8, metadata={"env": "MAGRAL_EPOCHS"})
-    """Training epochs of the task detector per round. Default 8."""
+    epochs: int = field(default=10, metadata={"env": "MAGRAL_EPOCHS"})
+    """Training epochs of the task detector per round. Default 10."""
 
     batch_size: int = field(default=4, metadata={"env": "MAGRAL_BATCH_SIZE"})
     """Images per training step. Default 4."""
