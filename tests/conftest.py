@@ -21,7 +21,11 @@ def bccd_root() -> Path:
 
 @pytest.fixture(autouse=True, scope="session")
 def _torch_setup() -> None:
+    import numpy as np
     import torch
 
+    # numpy warns about a zero subnormal if its float info is first read after flushing is on.
+    np.finfo(np.float32), np.finfo(np.float64)
     torch.set_flush_denormal(True)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1)))
+    # One thread unless told otherwise: tests share the machine with the servers the e2e tests start.
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
