@@ -14,14 +14,6 @@ from magral_core.detectors import build_detector, detector_spec
 from magral_core.errors import UserError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: extra threads only add synchronisation on a busy machine
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_round_trip_gives_the_same_outputs(tmp_path: Path) -> None:
     model = build_detector("frcnn_mobilenet_v2", num_classes=2, image_size=64, weights_dir=tmp_path, seed=1)
     cast(Any, model).roi_heads.score_thresh = 0.0

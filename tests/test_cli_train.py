@@ -7,18 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from magral_core.cli import main
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: extra threads only add synchronisation on a busy machine
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture()

@@ -17,14 +17,6 @@ WEIGHTS_DIR = Config.from_env().weights_dir  # where torchvision looks: $TORCH_H
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: extra threads only add synchronisation on a busy machine
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(autouse=True)
 def _no_download(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError(f"a download was attempted: {args}")

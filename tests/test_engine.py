@@ -16,14 +16,6 @@ from magral_core.engine import extract, learning_rate_at, predict, prepare, trai
 from magral_core.structures import AnnotatedImage, DetectionDataset, Detections
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: extra threads only add synchronisation on a busy machine
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny_dataset(root: Path) -> DetectionDataset:
     """Two 96×72 images: one with a bright square (class 1) and a bar (class 0), one without boxes."""
     pixels = np.full((72, 96, 3), 40, np.uint8)
