@@ -21,8 +21,11 @@ split is never touched. Works with detectors that have `rpn` and `roi_heads` (th
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +34,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from magral_core.structures import DetectionDataset, Detections
+
+CACHE_FORMAT = 1
+"""Version of the file `CachedProxy.save` writes; `CachedProxy.load` refuses any other."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +150,40 @@ class FrozenFeatures:
             regression = heads.box_coder.encode([matched_gt], [boxes])[0]
             self._targets[index] = _Targets(reps, labels[0], regression)
         return self._targets[index]
+
+    def state(self) -> dict[str, Any]:
+        """What has been computed so far as plain tensors, numbers and dicts (loadable with
+        `torch.load(..., weights_only=True)`), keyed by image position, with the dataset's image ids."""
+        return {
+            "image_ids": [image.image_id for image in self.dataset.images],
+            "frozen": {
+                i: {"proposals": f.proposals.clone(), "reps": f.reps.clone(),
+                    "reps_flip": f.reps_flip.clone(), "size": [int(f.size[0]), int(f.size[1])],
+                    "scale": float(f.scale)}
+                for i, f in self._cache.items()
+            },
+            "targets": {
+                i: {"reps": t.reps.clone(), "labels": t.labels.clone(), "regression": t.regression.clone()}
+                for i, t in self._targets.items()
+            },
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Adopt a `state()` of the same images (replacing what is cached). Raises ValueError when its image
+        ids differ from this dataset's."""
+        ids = [image.image_id for image in self.dataset.images]
+        if list(state["image_ids"]) != ids:
+            raise ValueError(
+                f"frozen-feature cache of {len(state['image_ids'])} images does not match the dataset's "
+                f"{len(ids)} images (image ids differ)"
+            )
+        self._cache = {
+            int(i): _Frozen(f["proposals"], f["reps"], f["reps_flip"], (int(f["size"][0]), int(f["size"][1])),
+                            float(f["scale"]))
+            for i, f in state["frozen"].items()
+        }
+        self._targets = {int(i): _Targets(t["reps"], t["labels"], t["regression"])
+                         for i, t in state["targets"].items()}
 
     def _maps(self, index: int) -> dict[str, Tensor]:
         pixels = self.images[index].pixels.float().div(255.0)
@@ -275,7 +315,8 @@ class CachedProxy:
     at positions `batch` (unlabeled), evaluated on `val`. `model` is the round's trained task detector.
 
     Frozen outputs are computed on first use and shared by all calls; `warm` computes them up front (the
-    round's one-off caching, so record times can be measured without it).
+    round's one-off caching, so record times can be measured without it); `save`/`load` share them with
+    other processes.
     """
 
     def __init__(self, model: nn.Module, train: DetectionDataset, pool: DetectionDataset,
@@ -292,6 +333,31 @@ class CachedProxy:
             self.val[i]
         for i in pool_indices:
             self.pool[int(i)]
+
+    def save(self, path: Path) -> None:
+        """Write the frozen outputs computed so far (see `warm`) to `path` atomically (a temporary file in
+        the same directory, then `os.replace`): concurrent writers and readers only ever see a whole file."""
+        state = {"format": CACHE_FORMAT, "train": self.train.state(), "pool": self.pool.state(),
+                 "val": self.val.state()}
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                torch.save(state, handle)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def load(self, path: Path) -> None:
+        """Adopt the frozen outputs `save` wrote for the same model and images (nothing is recomputed for
+        them). Raises ValueError for another format or other images; OSError/pickle errors for an unreadable
+        file."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or state.get("format") != CACHE_FORMAT:
+            raise ValueError(f"{path}: expected a proxy cache of format {CACHE_FORMAT}")
+        for name in ("train", "pool", "val"):
+            getattr(self, name).load_state(state[name])
 
     def __call__(self, batch: np.ndarray, seed: int) -> float:
         from magral_core.evaluation import evaluate_coco

@@ -6,6 +6,7 @@ proxy. Heavy libraries (torch, torchvision) are imported when a step runs, not w
 from __future__ import annotations
 
 import logging
+import pickle
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from magral_core.rounds import (
     MIN_LABELED_FOR_VALIDATION,
     POLICY_FILE,
     POOL_FILE,
+    PROXY_CACHE_FILE,
     Progress,
     RoundSteps,
     load_images,
@@ -42,6 +44,7 @@ def default_steps() -> RoundSteps:
         count_lut_records=count_lut_records,
         lut_record=lut_record_step,
         rank=rank_step,
+        prepare_proxy=prepare_proxy_step,
     )
 
 
@@ -148,7 +151,13 @@ def count_lut_records(pool_size: int, config: Config) -> int:
 def build_proxy(staging: Path, config: Config) -> Callable[[np.ndarray, int], float]:
     """`proxy(batch, seed) -> mAP` of the round in `staging`: the semi-supervised proxy (see
     `magral_core.proxy`) on the round's detector, its labeled training images plus the pool images at
-    `batch` (unlabeled), evaluated on the labeled validation images."""
+    `batch` (unlabeled), evaluated on the labeled validation images.
+
+    Its frozen features (a detector pass over every labeled, validation and pool image and their flips) are
+    loaded from `staging/PROXY_CACHE_FILE` when present; otherwise they are computed for every image and
+    saved there (atomically), so the first caller of a round pays and later ones, in any process sharing
+    the staging directory, load. Raises UserError when the round has no labeled validation images.
+    """
     from magral_core.proxy import proxy_for
 
     images = load_images(staging / IMAGES_FILE)
@@ -159,7 +168,24 @@ def build_proxy(staging: Path, config: Config) -> Callable[[np.ndarray, int], fl
             "found none"
         )
     model = load_model_step(staging / DETECTOR_FILE)  # the proxy runs on the CPU
-    return proxy_for(model, train, pool, val)
+    proxy = proxy_for(model, train, pool, val)
+    cache = staging / PROXY_CACHE_FILE
+    if cache.is_file():
+        try:
+            proxy.load(cache)
+            return proxy
+        except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+            # a damaged or foreign file must not fail the round: compute afresh and replace it
+            log.warning("proxy cache %s unusable (%s); recomputing", cache, exc)
+            proxy = proxy_for(model, train, pool, val)
+    proxy.warm(range(len(pool)))
+    proxy.save(cache)
+    return proxy
+
+
+def prepare_proxy_step(staging: Path, config: Config) -> None:
+    """Compute and save the round's proxy cache (see `build_proxy`) so that record jobs only load it."""
+    build_proxy(staging, config)
 
 
 ProxyFactory = Callable[[Path, Config], Callable[[np.ndarray, int], float]]

@@ -52,6 +52,7 @@ PREDICTIONS_FILE = "predictions.json"
 IMAGES_FILE = "images.json"
 POLICY_FILE = "policy.pt"
 LOOKUP_TABLE_FILE = "lookup_table.json"
+PROXY_CACHE_FILE = "proxy_cache.pt"  # MAGRAL proxy frozen features, shared by the record jobs; unpublished
 
 Progress = Callable[[str, float], None]
 
@@ -77,7 +78,9 @@ class RoundSteps:
     - `save_model(model, path, meta)` / `load_model(path) -> model`;
     - `count_lut_records(pool_size, config) -> int`: record jobs a MAGRAL round fans out;
     - `lut_record(staging, index, config) -> JSON-able record` (MAGRAL only);
-    - `rank(pool_arrays, strategy, records, staging, config) -> (order best first, priorities)`.
+    - `rank(pool_arrays, strategy, records, staging, config) -> (order best first, priorities)`;
+    - `prepare_proxy(staging, config)` (optional, MAGRAL only): compute what every record job shares (the
+      proxy's frozen features, `PROXY_CACHE_FILE`) once, at the end of `prepare`.
     """
 
     train: Callable[[DetectionDataset, Path | None, Config, Progress], Any]
@@ -90,6 +93,7 @@ class RoundSteps:
     rank: Callable[
         [Mapping[str, Any], str, Sequence[Mapping[str, Any]], Path, Config], tuple[list[int], list[float]]
     ]
+    prepare_proxy: Callable[[Path, Config], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -291,6 +295,9 @@ def prepare(
     )
     if strategy == "magral" and len(pool) <= config.budget:
         strategy = config.fallback_strategy  # the whole pool is the batch: nothing to learn a choice for
+    if strategy == "magral" and steps.prepare_proxy is not None:
+        progress("caching", 0.0)
+        steps.prepare_proxy(staging, config)  # once here, so the record jobs only load it
     plan = RoundPlan(
         project,
         version,
@@ -340,6 +347,7 @@ def finish(
     progress("ranking", 0.0)
     n = len(plan.pool)
     order, priorities = steps.rank(arrays, plan.strategy, records, staging, config) if n else ([], [])
+    (staging / PROXY_CACHE_FILE).unlink(missing_ok=True)  # large, and of no use once ranked
     scores = ranking.scores_from_order(order, n)
     predictions = []
     for i, task in enumerate(plan.pool):

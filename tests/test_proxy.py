@@ -82,6 +82,32 @@ def test_proxy_trains_and_is_deterministic(bccd_root, tmp_path) -> None:
         FrozenFeatures(torch.nn.Linear(2, 2), data)
 
 
+def test_saved_and_loaded_proxy_gives_the_same_values_without_recomputing(bccd_root, tmp_path,
+                                                                           monkeypatch) -> None:
+    data = load_dataset(bccd_root).split("train").subset(range(7))
+    model = build_detector("frcnn_mobilenet_v2", num_classes=3, image_size=64, weights_dir=tmp_path,
+                           pretrained=False, seed=0)
+    settings = ProxySettings(epochs=1)
+    fresh = make_proxy(model, data, np.arange(4), np.arange(4, 7), settings, seed=0)
+    fresh.warm(range(3))
+    fresh.save(tmp_path / "cache.pt")
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []  # the temporary file was renamed
+    expected = [fresh(np.array(batch), seed) for batch, seed in (([0, 2], 3), ([1], 4))]
+    assert expected[0] != expected[1]  # the batches matter, so equal values below are not a coincidence
+    loaded = make_proxy(model, data, np.arange(4), np.arange(4, 7), settings, seed=0)
+
+    def no_forward(self, index):
+        raise AssertionError(f"recomputed image {index}")
+
+    monkeypatch.setattr(FrozenFeatures, "_compute", no_forward)
+    monkeypatch.setattr(FrozenFeatures, "_maps", no_forward)
+    loaded.load(tmp_path / "cache.pt")
+    assert [loaded(np.array(batch), seed) for batch, seed in (([0, 2], 3), ([1], 4))] == expected
+    other = make_proxy(model, data, np.arange(3), np.arange(3, 7), settings, seed=0)  # other images
+    with pytest.raises(ValueError, match="does not match"):
+        other.load(tmp_path / "cache.pt")
+
+
 def _head_weights(model: torch.nn.Module, data: DetectionDataset, batch: list[int], weight: float
                   ) -> torch.Tensor:
     frozen = FrozenFeatures(model, data)

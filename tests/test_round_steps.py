@@ -135,3 +135,42 @@ def test_magral_round_with_the_real_detector_and_proxy_at_toy_size(tmp_path: Pat
     table = json.loads((directory / rounds.LOOKUP_TABLE_FILE).read_text())
     assert len(table["records"]) == 2 and all(0.0 <= r["value"] <= 1.0 for r in table["records"])
     assert sorted(store.load_ranking(1, version).task_ids) == list(range(20, 25))
+
+
+def test_build_proxy_computes_the_frozen_features_once_and_later_calls_load_them(
+    bccd_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from magral_core.datasets import load_dataset
+    from magral_core.detectors import build_detector
+    from magral_core.proxy import FrozenFeatures
+
+    data = load_dataset(bccd_root).split("train").subset(range(7))
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    rounds.save_images(
+        staging / rounds.IMAGES_FILE,
+        {"train": data.subset([0, 1, 2]), "val": data.subset([3]), "pool": data.subset([4, 5, 6])},
+    )
+    model = build_detector("frcnn_mobilenet_v2", num_classes=3, image_size=64, weights_dir=tmp_path,
+                           pretrained=False, seed=0)
+    meta = {"class_names": list(data.class_names)}
+    round_steps.save_model_step(model, staging / rounds.DETECTOR_FILE, meta)
+    computed: list[int] = []
+    compute = FrozenFeatures._compute
+
+    def counted(self: FrozenFeatures, index: int) -> Any:
+        computed.append(index)
+        return compute(self, index)
+
+    monkeypatch.setattr(FrozenFeatures, "_compute", counted)
+    config = toy_config(tmp_path)
+    round_steps.prepare_proxy_step(staging, config)  # the prepare stage: every image, once
+    assert len(computed) == 3 + 1 + 3 and (staging / rounds.PROXY_CACHE_FILE).is_file()
+    first = round_steps.build_proxy(staging, config)
+    second = round_steps.build_proxy(staging, config)
+    assert len(computed) == 7  # the record jobs only loaded the cache
+    value = first(np.array([0, 2]), 3)
+    assert second(np.array([0, 2]), 3) == value and len(computed) == 7
+    (staging / rounds.PROXY_CACHE_FILE).write_bytes(b"damaged")  # an unusable cache is recomputed, replaced
+    assert round_steps.build_proxy(staging, config)(np.array([0, 2]), 3) == value and len(computed) == 14
+    assert round_steps.build_proxy(staging, config)(np.array([0, 2]), 3) == value and len(computed) == 14

@@ -3,6 +3,7 @@ bindings are tested in test_round_steps)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +189,26 @@ def test_magral_falls_back_when_the_pool_fits_in_one_batch(tmp_path: Path) -> No
     config = toy_config(tmp_path, min_labeled_for_magral=2, budget=5)
     version = rounds.run_round(1, client=studio, store=store, config=config, steps=toy_steps())
     assert store.load_metrics(1, version)["strategy"] == "entropy_max"
+
+
+def test_magral_round_caches_the_proxy_before_the_records_and_keeps_it_unpublished(tmp_path: Path) -> None:
+    events: list[str] = []
+
+    def prepare_proxy(staging: Path, config) -> None:
+        events.append("cache")
+        (staging / rounds.PROXY_CACHE_FILE).write_bytes(b"frozen")
+
+    def lut_record(staging: Path, index: int, config) -> dict[str, float]:
+        events.append(f"record {index} sees {(staging / rounds.PROXY_CACHE_FILE).read_bytes().decode()}")
+        return {"value": 0.1 * index}
+
+    steps = replace(toy_steps(), prepare_proxy=prepare_proxy, lut_record=lut_record)
+    store = ModelStore(tmp_path / "store")
+    studio = studio_with(tmp_path, labeled=[1, 2], unlabeled=[3, 4, 5, 6])
+    config = toy_config(tmp_path, min_labeled_for_magral=2, budget=2, lut_records=4)
+    version = rounds.run_round(1, client=studio, store=store, config=config, steps=steps)
+    assert events == ["cache", "record 0 sees frozen", "record 1 sees frozen"]
+    assert not (store.version_dir(1, version) / rounds.PROXY_CACHE_FILE).exists()
+    events.clear()  # a round under the fallback strategy has no proxy to cache
+    rounds.run_round(1, client=studio, store=store, config=toy_config(tmp_path), steps=steps)
+    assert events == []
