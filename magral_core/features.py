@@ -14,13 +14,12 @@ Detection statistics (`STAT_NAMES`, one value each per image):
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from magral_core.atomic import atomic_open
 from magral_core.errors import DataError
 from magral_core.structures import Detections
 
@@ -139,12 +138,6 @@ class FeatureCache:
         }
         if detections.class_probs is not None:
             arrays["class_probs"] = np.asarray(detections.class_probs, dtype=np.float32)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)  # type: ignore[arg-type]
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_open(path, "wb") as fh:
+            np.savez(fh, **arrays)  # type: ignore[arg-type]
         return path

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,7 @@ import scipy.sparse as sp
 import torch
 from scipy.stats import spearmanr
 
+from magral_core.atomic import atomic_open
 from magral_core.errors import DataError
 from magral_core.policy import Controller
 
@@ -323,16 +322,8 @@ def save_records(path: Path, pool_size: int, records: Sequence[Record]) -> None:
         "pool_size": pool_size,
         "records": [{"indices": r.indices.tolist(), "value": r.value, "source": r.source} for r in records],
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "w") as fh:
+        json.dump(payload, fh)
 
 
 def load_records(path: Path) -> tuple[int, list[Record]]:

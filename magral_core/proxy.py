@@ -21,8 +21,6 @@ split is never touched. Works with detectors that have `rpn` and `roi_heads` (th
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from magral_core.atomic import atomic_open
 from magral_core.structures import DetectionDataset, Detections
 
 CACHE_FORMAT = 1
@@ -339,15 +338,8 @@ class CachedProxy:
         the same directory, then `os.replace`): concurrent writers and readers only ever see a whole file."""
         state = {"format": CACHE_FORMAT, "train": self.train.state(), "pool": self.pool.state(),
                  "val": self.val.state()}
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                torch.save(state, handle)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_open(path, "wb") as handle:
+            torch.save(state, handle)
 
     def load(self, path: Path) -> None:
         """Adopt the frozen outputs `save` wrote for the same model and images (nothing is recomputed for

@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Mapping
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from magral_core.atomic import write_text_atomic
 from magral_core.errors import MagralError, UserError
 
 VERSION_RE = re.compile(r"^magral-(\d+)-v(\d{4,})$")
@@ -54,19 +54,8 @@ def version_number(name: str) -> int:
 
 
 def write_atomic(path: Path, text: str, *, mode: int = 0o644) -> None:
-    """Write `text` to `path` through a temporary file in the same directory and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write `text` to `path` atomically (see `magral_core.atomic`)."""
+    write_text_atomic(path, text, permissions=mode)
 
 
 def write_json(path: Path, data: Any, *, mode: int = 0o644) -> None:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from magral_core.atomic import atomic_open
 from magral_core.checkpoint import save_checkpoint
 from magral_core.config import Config
 from magral_core.datasets import load_dataset
@@ -61,10 +60,8 @@ def _positive(name: str, value: float) -> None:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write `data` as indented JSON to `path` through a temporary sibling and a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
+    with atomic_open(path, "w") as handle:
         json.dump(data, handle, indent=2)
-    os.replace(tmp, path)
 
 
 def run(args: argparse.Namespace, config: Config) -> int:

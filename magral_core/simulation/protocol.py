@@ -16,8 +16,6 @@ Every finished round is written as JSON atomically (`RoundStore`), so a killed r
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,6 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from magral_core.atomic import write_text_atomic
 from magral_core.strategies import MagralSettings, Pool, Strategy, fit_magral, make_strategy
 
 
@@ -153,16 +152,8 @@ class RoundStore:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write `text` to `path` atomically (see `magral_core.atomic`)."""
+    write_text_atomic(path, text)
 
 
 def initial_labeled(pool_size: int, initial: int, seed: int) -> np.ndarray:
