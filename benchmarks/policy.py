@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from magral_core.engine import setup_torch
 from magral_core.lookup_table import LookupTable, Record, random_batches
 from magral_core.policy import ControllerConfig, build_controller
 from magral_core.policy_training import TrainingSettings, train_policy
@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    setup_torch(args.threads)
     results = []
     for variant in args.variants:
         for n in args.sizes:

@@ -24,7 +24,14 @@ from rq.job import Dependency, Job
 from magral_core import ranking, round_steps, rounds
 from magral_core.config import Config
 from magral_core.errors import UserError
-from magral_core.queueing import RoundQueue, finish_job_id, lut_job_id, prepare_job_id, round_job_id
+from magral_core.queueing import (
+    RoundQueue,
+    finish_job_id,
+    lut_job_id,
+    prepare_job_id,
+    propose_job_id,
+    round_job_id,
+)
 from magral_core.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -182,46 +189,66 @@ def prepare_round(project: int, staging: str) -> str:
             steps=ctx.steps_factory(),
             progress=_reporter(job, version),
         )
-        queue = Queue(job.origin, connection=job.connection)
-        records = []
-        for index in range(plan.lut_records):
-            _drop_stale(job, lut_job_id(project, index))
-            records.append(
-                queue.enqueue_call(
-                    "magral_core.jobs.lut_record",
-                    args=(project, staging, index),
-                    job_id=lut_job_id(project, index),
-                    timeout=config.round_timeout,
-                    result_ttl=3600,
-                    at_front=True,
-                )
-            )
-        _drop_stale(job, finish_job_id(project))
-        queue.enqueue_call(
-            "magral_core.jobs.finish_round",
-            args=(project, staging),
-            job_id=finish_job_id(project),
-            timeout=config.round_timeout,
-            result_ttl=24 * 3600,
-            depends_on=Dependency(jobs=records, allow_failure=True, enqueue_at_front=True)
-            if records
-            else None,
-            at_front=True,
-            # what /status shows while the record jobs run
-            meta={
-                "progress": {
-                    "stage": "lookup_table",
-                    "fraction": 0.0,
-                    "version": version,
-                    "records": len(records),
-                }
-            },
-        )
-        coordinator.touch(project, job_id=finish_job_id(project), version=version)
+        next_stage = "magral_core.jobs.propose_round" if plan.lut_records else "magral_core.jobs.finish_round"
+        next_id = propose_job_id(project) if plan.lut_records else finish_job_id(project)
+        _fan_out(job, project, staging, version, range(plan.lut_records), next_stage, next_id)
+        coordinator.touch(project, job_id=next_id, version=version)
         return version
     except Exception as exc:
         _fail(project, exc, ctx=ctx, staging=Path(staging), job=job)
         raise
+
+
+def propose_round(project: int, staging: str) -> str:
+    """Fan-in job of the first records: MAGRAL's first stage (see `rounds.propose`), then fan out the
+    near-policy record jobs and the fan-in `finish_round` job that depends on them. Returns the version."""
+    job = _current_job()
+    ctx = context()
+    version = _version_of(staging)
+    try:
+        _reporter(job, version)("policy", 0.0)
+        more = rounds.propose(Path(staging), config=ctx.config, steps=ctx.steps_factory())
+        then = "magral_core.jobs.finish_round"
+        _fan_out(job, project, staging, version, more, then, finish_job_id(project))
+        _coordinator(job, ctx.config).touch(project, job_id=finish_job_id(project), version=version)
+        return version
+    except Exception as exc:
+        _fail(project, exc, ctx=ctx, staging=Path(staging), job=job)
+        raise
+
+
+def _fan_out(job: Job, project: int, staging: str, version: str, indices: Sequence[int], then: str,
+             then_id: str) -> None:
+    """Enqueue one `lut_record` job per index and the job `then(project, staging)` (id `then_id`) that
+    runs once they have all ended, failed ones included (a missing record is computed by the fan-in)."""
+    config = context().config
+    queue = Queue(job.origin, connection=job.connection)
+    records = []
+    for index in indices:
+        _drop_stale(job, lut_job_id(project, index))
+        records.append(
+            queue.enqueue_call(
+                "magral_core.jobs.lut_record",
+                args=(project, staging, index),
+                job_id=lut_job_id(project, index),
+                timeout=config.round_timeout,
+                result_ttl=3600,
+                at_front=True,
+            )
+        )
+    _drop_stale(job, then_id)
+    queue.enqueue_call(
+        then,
+        args=(project, staging),
+        job_id=then_id,
+        timeout=config.round_timeout,
+        result_ttl=24 * 3600,
+        depends_on=Dependency(jobs=records, allow_failure=True, enqueue_at_front=True) if records else None,
+        at_front=True,
+        # what /status shows while the record jobs run
+        meta={"progress": {"stage": "lookup_table", "fraction": 0.0, "version": version,
+                           "records": len(records)}},
+    )
 
 
 def lut_record(project: int, staging: str, index: int) -> str:

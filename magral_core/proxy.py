@@ -83,9 +83,11 @@ class FrozenFeatures:
     """Lazily computed, cached frozen outputs of `model` for the images of `dataset` (by position).
 
     Frozen: backbone, FPN, RPN and the RoI MLP (`box_head`); only `box_predictor` is trained by the proxy.
+    `max_rois` keeps only an image's top proposals (the RPN returns them best first): enough for images the
+    proxy only sees unlabeled, whose consistency loss reads no more than `ProxySettings.unlabeled_rois`.
     """
 
-    def __init__(self, model: nn.Module, dataset: DetectionDataset) -> None:
+    def __init__(self, model: nn.Module, dataset: DetectionDataset, max_rois: int | None = None) -> None:
         if not (hasattr(model, "rpn") and hasattr(model, "roi_heads") and hasattr(model, "transform")):
             raise ValueError("the proxy needs a two-stage detector with rpn and roi_heads (Faster R-CNN)")
         from magral_core.detectors import detector_spec
@@ -94,6 +96,7 @@ class FrozenFeatures:
         self.model: Any = model.eval()
         self.dataset = dataset
         self.images = ImageCache(dataset, detector_spec(model).image_size)
+        self.max_rois = max_rois
         self._cache: dict[int, _Frozen] = {}
         self._targets: dict[int, _Targets] = {}
 
@@ -117,7 +120,7 @@ class FrozenFeatures:
         first = {k: v[:1] for k, v in maps.items()}
         second = {k: v[1:] for k, v in maps.items()}
         one = type(batch)(batch.tensors[:1], batch.image_sizes[:1])
-        proposals = self.model.rpn(one, first)[0][0]  # (P, 4)
+        proposals = self.model.rpn(one, first)[0][0][: self.max_rois]  # (P, 4), best first
         h, w = batch.image_sizes[0]
         self._cache[index] = _Frozen(
             proposals, self._reps(first, proposals, (h, w)),
@@ -320,7 +323,8 @@ class CachedProxy:
 
     def __init__(self, model: nn.Module, train: DetectionDataset, pool: DetectionDataset,
                  val: DetectionDataset, settings: ProxySettings = ProxySettings()) -> None:
-        self.train, self.pool, self.val = (FrozenFeatures(model, d) for d in (train, pool, val))
+        self.train, self.val = FrozenFeatures(model, train), FrozenFeatures(model, val)
+        self.pool = FrozenFeatures(model, pool, max_rois=settings.unlabeled_rois)
         self.settings = settings
 
     def warm(self, pool_indices: Iterable[int] = ()) -> None:
@@ -345,7 +349,8 @@ class CachedProxy:
         """Adopt the frozen outputs `save` wrote for the same model and images (nothing is recomputed for
         them). Raises ValueError for another format or other images; OSError/pickle errors for an unreadable
         file."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # memory-mapped: a record job touches the pages of its own batch's images only
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if not isinstance(state, dict) or state.get("format") != CACHE_FORMAT:
             raise ValueError(f"{path}: expected a proxy cache of format {CACHE_FORMAT}")
         for name in ("train", "pool", "val"):

@@ -1,8 +1,8 @@
 """Turning Label Studio events into rq jobs: at most one queued and one running round per project.
 
 A round is a chain of rq jobs (`jobs.start_round` → `jobs.prepare_round` → look-up-table records →
-`jobs.finish_round`; the later ones are queued at the front so a started round finishes first). Per
-project, Redis holds (keys under `<prefix>:<project>:`):
+`jobs.propose_round` → near-policy records → `jobs.finish_round`; the later ones are queued at the front
+so a started round finishes first). Per project, Redis holds (keys under `<prefix>:<project>:`):
 
 - `new`: annotations created/updated/deleted since the running (or last) round began (an integer);
 - `forced`: a START_TRAINING arrived since then (runs whatever `new` says);
@@ -78,6 +78,10 @@ def prepare_job_id(project: int) -> str:
 
 def lut_job_id(project: int, index: int) -> str:
     return f"round-{project}-lut-{index}"
+
+
+def propose_job_id(project: int) -> str:
+    return f"round-{project}-propose"
 
 
 def finish_job_id(project: int) -> str:

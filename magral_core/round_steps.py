@@ -5,6 +5,7 @@ proxy. Heavy libraries (torch, torchvision) are imported when a step runs, not w
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 from collections.abc import Callable, Mapping, Sequence
@@ -14,11 +15,12 @@ from typing import Any
 import numpy as np
 
 from magral_core.config import Config
-from magral_core.errors import UserError
+from magral_core.errors import DataError, UserError
 from magral_core.rounds import (
     DETECTOR_FILE,
     IMAGES_FILE,
     LOOKUP_TABLE_FILE,
+    MAGRAL_FIT_FILE,
     MIN_LABELED_FOR_VALIDATION,
     POLICY_FILE,
     POOL_FILE,
@@ -45,6 +47,7 @@ def default_steps() -> RoundSteps:
         lut_record=lut_record_step,
         rank=rank_step,
         prepare_proxy=prepare_proxy_step,
+        propose_records=propose_records_step,
     )
 
 
@@ -194,11 +197,19 @@ ProxyFactory = Callable[[Path, Config], Callable[[np.ndarray, int], float]]
 def lut_record_step(
     staging: Path, index: int, config: Config, *, proxy_factory: ProxyFactory | None = None
 ) -> Mapping[str, Any]:
-    """Record `index` of `magral_record_specs`: the proxy's mAP with that random batch."""
+    """Record `index` of the round: below `count_lut_records` one of the random `magral_record_specs`, from
+    there on one of the near-policy specs `propose_records_step` saved; the proxy's mAP with that batch."""
     from magral_core.lookup_table import compute_record
 
     n = len(load_pool(staging / POOL_FILE)["detections"])
-    spec = magral_record_specs(n, config)[index]
+    initial = magral_record_specs(n, config)
+    if index < len(initial):
+        spec = initial[index]
+    else:
+        pending = load_fit(staging / MAGRAL_FIT_FILE).pending
+        if not 0 <= index - len(initial) < len(pending):
+            raise ValueError(f"record {index}: the round has {len(initial)} + {len(pending)} records")
+        spec = pending[index - len(initial)]
     record = compute_record(spec, (proxy_factory or build_proxy)(staging, config))
     return {
         "indices": record.indices.tolist(),
@@ -206,6 +217,94 @@ def lut_record_step(
         "source": record.source,
         "seed": spec.seed,
     }
+
+
+def _lazy_proxy(staging: Path, config: Config, proxy_factory: ProxyFactory | None
+                ) -> Callable[[np.ndarray, int], float]:
+    """`proxy(batch, seed)` that builds the round's proxy on first use (a pass over every image)."""
+    proxy: list[Callable[[np.ndarray, int], float]] = []
+
+    def evaluate(indices: np.ndarray, seed: int) -> float:
+        if not proxy:
+            proxy.append((proxy_factory or build_proxy)(staging, config))
+        return proxy[0](indices, seed)
+
+    return evaluate
+
+
+def _records(records: Sequence[Mapping[str, Any]]) -> list[Any]:
+    from magral_core.lookup_table import Record
+
+    return [Record(np.asarray(r["indices"], np.int64), float(r["value"]), str(r["source"])) for r in records]
+
+
+def _pool_of(staging: Path) -> Any:
+    from magral_core.strategies.base import Pool
+
+    arrays = load_pool(staging / POOL_FILE)
+    return Pool(arrays["embeddings"], tuple(arrays["detections"]), arrays["labeled_embeddings"])
+
+
+def propose_records_step(
+    staging: Path,
+    records: Sequence[Mapping[str, Any]],
+    config: Config,
+    *,
+    proxy_factory: ProxyFactory | None = None,
+) -> int:
+    """MAGRAL's first stage (`strategies.begin_fit`) on the random records the record jobs computed (a
+    missing one is computed here): the estimator, the first half of the policy training and the near-policy
+    record specs, saved in `staging/MAGRAL_FIT_FILE`. Returns how many near-policy records follow."""
+    from magral_core.strategies import begin_fit
+
+    pool = _pool_of(staging)
+    fit = begin_fit(pool.features, min(config.budget, len(pool)), _lazy_proxy(staging, config, proxy_factory),
+                    magral_settings(config), seed=config.seed, records=_records(records))
+    save_fit(staging / MAGRAL_FIT_FILE, fit)
+    return len(fit.pending)
+
+
+def save_fit(path: Path, fit: Any) -> None:
+    """Write a `strategies.MagralFit` atomically (the controller's tensors, the rest as JSON text)."""
+    import torch
+
+    from magral_core.atomic import atomic_open
+    from magral_core.policy import save_state
+
+    report = fit.report
+    rest = {
+        "rng": fit.rng.bit_generator.state,
+        "pending": [{"indices": list(s.indices), "seed": s.seed, "source": s.source} for s in fit.pending],
+        "fidelity": report.fidelity,
+        "estimator": report.estimator,
+        "records": [{"indices": r.indices.tolist(), "value": r.value, "source": r.source}
+                    for r in report.records],
+        "history": [h.as_dict() for h in report.history],
+    }
+    with atomic_open(path, "wb") as handle:
+        torch.save({"controller": save_state(fit.controller), "rest": json.dumps(rest)}, handle)
+
+
+def load_fit(path: Path) -> Any:
+    """The `strategies.MagralFit` `save_fit` wrote; raises DataError naming the file when it is unreadable."""
+    import torch
+
+    from magral_core.lookup_table import RecordSpec
+    from magral_core.policy import load_state
+    from magral_core.policy_training import TrainingHistory
+    from magral_core.strategies import MagralFit, MagralReport
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        rest = json.loads(state["rest"])
+        rng = np.random.default_rng()
+        rng.bit_generator.state = rest["rng"]
+        report = MagralReport(rest["fidelity"], rest["estimator"], _records(rest["records"]),
+                              [TrainingHistory(**h) for h in rest["history"]])
+        pending = [RecordSpec(tuple(s["indices"]), int(s["seed"]), str(s["source"])) for s in rest["pending"]]
+        return MagralFit(load_state(state["controller"]), report, rng, pending)
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError) as exc:
+        raise DataError(f"{path}: expected MAGRAL's saved first stage ({type(exc).__name__}: {exc})") from exc
 
 
 def fit_magral_step(
@@ -216,27 +315,29 @@ def fit_magral_step(
     *,
     proxy_factory: ProxyFactory | None = None,
 ) -> Any:
-    """Fit MAGRAL's controller for this pool; the records computed by the record jobs are passed in (they are
-    `magral_record_specs`), the near-policy records are computed here. Writes the policy and the look-up
-    table into `staging`."""
+    """Fit MAGRAL's controller for this pool on the round's records and write the policy and the look-up
+    table into `staging`. After `propose_records_step`: its second stage (`strategies.end_fit`) with the
+    near-policy records among `records` (a missing one is computed here); otherwise the whole fit, with the
+    random records among `records` reused."""
     import torch
 
-    from magral_core.lookup_table import Record, save_records
+    from magral_core.lookup_table import compute_record, save_records
     from magral_core.policy import save_state
-    from magral_core.strategies import fit_magral
+    from magral_core.strategies import end_fit, fit_magral
 
-    done = [Record(np.asarray(r["indices"], np.int64), float(r["value"]), str(r["source"])) for r in records]
-    proxy: list[Callable[[np.ndarray, int], float]] = []
-
-    def evaluate(indices: np.ndarray, seed: int) -> float:
-        if not proxy:  # built on first use: its frozen features cost a pass over every image
-            proxy.append((proxy_factory or build_proxy)(staging, config))
-        return proxy[0](indices, seed)
-
+    evaluate = _lazy_proxy(staging, config, proxy_factory)
     budget = min(config.budget, len(pool))
-    strategy, report = fit_magral(
-        pool.features, budget, evaluate, magral_settings(config), seed=config.seed, records=done
-    )
+    settings = magral_settings(config)
+    done = _records(records)
+    if (staging / MAGRAL_FIT_FILE).is_file():
+        fit = load_fit(staging / MAGRAL_FIT_FILE)
+        by_batch = {(tuple(r.indices.tolist()), r.source): r for r in done}
+        near = [by_batch.get((tuple(s.indices), s.source)) or compute_record(s, evaluate)
+                for s in fit.pending]
+        strategy, report = end_fit(fit, pool.features, budget, settings, seed=config.seed, records=near)
+    else:
+        strategy, report = fit_magral(pool.features, budget, evaluate, settings, seed=config.seed,
+                                      records=done)
     torch.save(save_state(strategy.controller), staging / POLICY_FILE)
     save_records(staging / LOOKUP_TABLE_FILE, len(pool), report.records)
     log.info(

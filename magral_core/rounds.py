@@ -5,7 +5,8 @@
    evaluate it on the labeled validation tasks, run it once over the unlabeled pool (detections +
    embeddings) and write all of that into the staging directory.
 2. `lut_record(i)`: one look-up-table record for MAGRAL (independent of the others, so they run in parallel
-   as separate jobs); skipped while MAGRAL is not used.
+   as separate jobs); skipped while MAGRAL is not used. Then `propose`: MAGRAL's first policy stage on
+   those records asks for records near its policy, computed by `lut_record` in parallel in the same way.
 3. `finish`: rank the pool with the round's strategy, push a prediction (boxes + score, best task lowest)
    for every unlabeled task under the new model version, switch Label Studio to serve in that order, write
    the ranking and metrics and publish the version in the store.
@@ -53,6 +54,7 @@ IMAGES_FILE = "images.json"
 POLICY_FILE = "policy.pt"
 LOOKUP_TABLE_FILE = "lookup_table.json"
 PROXY_CACHE_FILE = "proxy_cache.pt"  # MAGRAL proxy frozen features, shared by the record jobs; unpublished
+MAGRAL_FIT_FILE = "magral_fit.pt"  # MAGRAL between its two stages of records; unpublished
 
 Progress = Callable[[str, float], None]
 
@@ -80,7 +82,10 @@ class RoundSteps:
     - `lut_record(staging, index, config) -> JSON-able record` (MAGRAL only);
     - `rank(pool_arrays, strategy, records, staging, config) -> (order best first, priorities)`;
     - `prepare_proxy(staging, config)` (optional, MAGRAL only): compute what every record job shares (the
-      proxy's frozen features, `PROXY_CACHE_FILE`) once, at the end of `prepare`.
+      proxy's frozen features, `PROXY_CACHE_FILE`) once, at the end of `prepare`;
+    - `propose_records(staging, records, config) -> int` (optional, MAGRAL only): the policy's first stage
+      on the first `count_lut_records` records; returns how many more records (indices from there on) it
+      asks for, computed by `lut_record` like the first ones.
     """
 
     train: Callable[[DetectionDataset, Path | None, Config, Progress], Any]
@@ -94,6 +99,7 @@ class RoundSteps:
         [Mapping[str, Any], str, Sequence[Mapping[str, Any]], Path, Config], tuple[list[int], list[float]]
     ]
     prepare_proxy: Callable[[Path, Config], None] | None = None
+    propose_records: Callable[[Path, Sequence[Mapping[str, Any]], Config], int] | None = None
 
 
 @dataclass(frozen=True)
@@ -330,6 +336,16 @@ def load_lut_records(staging: Path) -> list[dict[str, Any]]:
     return [read_json(p) for p in sorted(folder.glob("record-*.json"))] if folder.is_dir() else []
 
 
+def propose(staging: Path, *, config: Config, steps: RoundSteps) -> range:
+    """After the first records: MAGRAL's first stage (`RoundSteps.propose_records`); returns the indices of
+    the records it asks for next (empty when the round has no records or the steps no such stage)."""
+    plan = RoundPlan.load(staging)
+    if not plan.lut_records or steps.propose_records is None:
+        return range(0)
+    more = steps.propose_records(staging, load_lut_records(staging), config)
+    return range(plan.lut_records, plan.lut_records + more)
+
+
 # --- stage 3 ---
 def finish(
     staging: Path,
@@ -347,7 +363,8 @@ def finish(
     progress("ranking", 0.0)
     n = len(plan.pool)
     order, priorities = steps.rank(arrays, plan.strategy, records, staging, config) if n else ([], [])
-    (staging / PROXY_CACHE_FILE).unlink(missing_ok=True)  # large, and of no use once ranked
+    for done_with in (PROXY_CACHE_FILE, MAGRAL_FIT_FILE):  # of no use once ranked (the cache is large)
+        (staging / done_with).unlink(missing_ok=True)
     scores = ranking.scores_from_order(order, n)
     predictions = []
     for i, task in enumerate(plan.pool):
@@ -419,6 +436,8 @@ def run_round(
         )
         for index in range(plan.lut_records):
             report("lookup_table", index / plan.lut_records)
+            lut_record(staging, index, config=config, steps=steps)
+        for index in propose(staging, config=config, steps=steps):
             lut_record(staging, index, config=config, steps=steps)
         return finish(staging, client=client, store=store, config=config, steps=steps, progress=report)
     except Exception as exc:

@@ -140,7 +140,8 @@ def toy_rank(arrays, strategy, records, staging, config) -> tuple[list[int], lis
 
 
 def toy_steps() -> rounds.RoundSteps:
-    """Known answers: mAP 0.5; a MAGRAL round fans out half of `lut_records` record jobs; record i = 0.1 i."""
+    """Known answers: mAP 0.5; a MAGRAL round fans out half of `lut_records` record jobs, then as many again
+    "near the policy"; record i = 0.1 i."""
     return rounds.RoundSteps(
         train=toy_train,
         extract=toy_extract,
@@ -150,6 +151,7 @@ def toy_steps() -> rounds.RoundSteps:
         count_lut_records=lambda pool_size, config: config.lut_records // 2,
         lut_record=lambda staging, index, config: {"index": index, "value": 0.1 * index},
         rank=toy_rank,
+        propose_records=lambda staging, records, config: len(records),
     )
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
+import itertools
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -57,7 +61,22 @@ def test_thread_count_follows_processes() -> None:
     assert Config.from_env({}, processes_per_machine=1000).torch_threads == 1
 
 
-def test_readme_lists_every_environment_variable() -> None:
-    text = README.read_text()
-    missing = [f.metadata["env"] for f in fields(Config) if f"`{f.metadata['env']}`" not in text]
-    assert not missing, f"README does not document {missing}"
+def _field_docs() -> dict[str, str]:
+    """Config's attribute docstrings by field name, whitespace collapsed."""
+    tree = ast.parse(inspect.getsource(Config))
+    body = next(node for node in tree.body if isinstance(node, ast.ClassDef)).body
+    return {
+        a.target.id: " ".join(b.value.value.split())
+        for a, b in itertools.pairwise(body)
+        if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name)
+        and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)
+    }
+
+
+def test_readme_lists_every_environment_variable_as_the_code_documents_it() -> None:
+    rows = dict(re.findall(r"^\| `([A-Z_]+)` \| (.*) \|$", README.read_text(), re.MULTILINE))
+    docs = _field_docs()
+    assert len(docs) == len(fields(Config))
+    wrong = {f.metadata["env"]: (rows.get(f.metadata["env"]), docs[f.name]) for f in fields(Config)
+             if rows.get(f.metadata["env"]) != docs[f.name]}
+    assert not wrong, f"README rows (found, expected) differ from the code: {wrong}"

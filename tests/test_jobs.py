@@ -17,7 +17,7 @@ from rq.job import Job, JobStatus
 from service_fixtures import LABEL_CONFIG, FakeAnnotation, FakeStudio, box, studio_with, toy_config, toy_steps
 
 from magral_core import jobs, rounds
-from magral_core.queueing import Decision, RoundQueue, finish_job_id, lut_job_id
+from magral_core.queueing import Decision, RoundQueue, finish_job_id, lut_job_id, propose_job_id
 from magral_core.store import ModelStore
 
 pytest_plugins = ["service_fixtures"]
@@ -75,16 +75,19 @@ pytestmark = pytest.mark.usefixtures("uninstall")
 
 
 def test_a_round_runs_as_a_chain_with_fanned_out_lut_records(tmp_path: Path, redis_db: Redis) -> None:
-    # 6 records: 3 random ones fanned out as jobs, 3 near the policy left to the fan-in job
+    # 6 records: 3 random ones fanned out as jobs, then (after the policy's first stage) 3 near the policy
     queue, store, studio = setup_round(tmp_path, redis_db, min_labeled_for_magral=1, lut_records=6, budget=2)
     assert queue.annotations_changed(1, 1, min_new=1) is Decision.ENQUEUED
     work(queue)
     assert store.current_version(1) == "magral-1-v0001"
     metrics = store.load_metrics(1, "magral-1-v0001")
-    assert metrics["strategy"] == "magral" and metrics["lut_records"] == 3
-    for index in range(3):
-        job = Job.fetch(lut_job_id(1, index), connection=redis_db)
-        assert job.get_status() == JobStatus.FINISHED and job.args[2] == index
+    assert metrics["strategy"] == "magral" and metrics["lut_records"] == 6
+    records = [Job.fetch(lut_job_id(1, index), connection=redis_db) for index in range(6)]
+    assert [(job.get_status(), job.args[2]) for job in records] == [(JobStatus.FINISHED, i) for i in range(6)]
+    propose = Job.fetch(propose_job_id(1), connection=redis_db)
+    assert propose.get_status() == JobStatus.FINISHED
+    assert all(job.ended_at <= propose.started_at for job in records[:3])
+    assert all(job.started_at >= propose.ended_at for job in records[3:])
     finish = Job.fetch(finish_job_id(1), connection=redis_db)
     assert finish.get_status() == JobStatus.FINISHED and finish.meta["progress"]["stage"] == "pushing"
     assert sorted(p["task"] for p in studio.imported) == [4, 5, 6, 7]

@@ -127,3 +127,20 @@ def test_only_the_batch_content_changes_the_head(bccd_root, tmp_path) -> None:
         bias = model.get_parameter("roi_heads.box_predictor.cls_score.bias")
         bias.copy_(torch.tensor([0.0, 3.0, 0.0, 0.0]))
     assert not torch.equal(_head_weights(model, data, [5, 6], 1.0), _head_weights(model, data, [7, 8], 1.0))
+
+
+def test_unlabeled_images_keep_only_the_top_proposals_the_consistency_reads(bccd_root, tmp_path) -> None:
+    data = load_dataset(bccd_root).split("train").subset(range(7))
+    model = build_detector("frcnn_mobilenet_v2", num_classes=3, image_size=96, weights_dir=tmp_path,
+                           pretrained=False, seed=0)
+    with torch.no_grad():  # every proposal foreground, so the consistency term (and the batch) counts
+        model.get_parameter("roi_heads.box_predictor.cls_score.bias").copy_(torch.tensor([0.0, 3.0, 0, 0]))
+    settings = ProxySettings(epochs=2, unlabeled_rois=8)
+    proxy = make_proxy(model, data, np.arange(4), np.arange(4, 7), settings, seed=0)
+    full = FrozenFeatures(model, proxy.pool.dataset)
+    assert len(full[0].proposals) > 8 and len(proxy.pool[0].proposals) == 8
+    assert torch.allclose(proxy.pool[0].reps, full[0].reps[:8], atol=1e-6)
+    assert torch.allclose(proxy.pool[0].reps_flip, full[0].reps_flip[:8], atol=1e-6)
+    untruncated = make_proxy(model, data, np.arange(4), np.arange(4, 7), settings, seed=0)
+    untruncated.pool = full
+    assert proxy(np.array([0, 2]), 1) == pytest.approx(untruncated(np.array([0, 2]), 1), abs=1e-6)

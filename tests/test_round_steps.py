@@ -10,11 +10,16 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from service_fixtures import studio_with, toy_config, toy_steps
 
 from magral_core import round_steps, rounds
 from magral_core.config import Config
+from magral_core.errors import DataError
+from magral_core.policy import load_state
+from magral_core.policy_training import TrainingSettings
 from magral_core.store import ModelStore
+from magral_core.strategies import MagralSettings, begin_fit, fit_magral
 
 pytest_plugins = ["service_fixtures"]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -71,6 +76,7 @@ def test_magral_round_reuses_the_fanned_out_records_and_keeps_policy_and_table(t
         round_steps.count_lut_records,
         lut_record=functools.partial(round_steps.lut_record_step, proxy_factory=toy_proxy),
         rank=functools.partial(round_steps.rank_step, proxy_factory=toy_proxy),
+        propose_records=functools.partial(round_steps.propose_records_step, proxy_factory=toy_proxy),
     )
     studio = studio_with(tmp_path, labeled=[1, 2], unlabeled=range(3, 11))
     store = ModelStore(tmp_path / "store")
@@ -79,12 +85,39 @@ def test_magral_round_reuses_the_fanned_out_records_and_keeps_policy_and_table(t
     assert len(specs) == 3  # half of the records are random (fanned out), half near the policy
     version = rounds.run_round(1, client=studio, store=store, config=config, steps=steps)
     metrics = store.load_metrics(1, version)
-    assert metrics["strategy"] == "magral" and metrics["lut_records"] == 3
-    assert calls[:3] == [(spec.indices, spec.seed) for spec in specs]  # the record "jobs"
-    assert len(calls) == 6  # the fit computed only the 3 near-policy records itself
+    assert metrics["strategy"] == "magral" and metrics["lut_records"] == 6  # every record was a "job"
+    assert calls[:3] == [(spec.indices, spec.seed) for spec in specs]
+    assert len(calls) == 6  # neither the first stage nor the fit computed a record itself
     directory = store.version_dir(1, version)
     assert (directory / rounds.POLICY_FILE).is_file() and (directory / rounds.LOOKUP_TABLE_FILE).is_file()
+    assert not (directory / rounds.MAGRAL_FIT_FILE).exists()
     assert sorted(store.load_ranking(1, version).task_ids) == list(range(3, 11))
+    # the two stages with their records fanned out fit the same controller as one uninterrupted fit
+    pool = round_steps._pool_of(directory)
+    whole, _ = fit_magral(pool.features, 2, toy_proxy(directory, config), round_steps.magral_settings(config),
+                          seed=config.seed)
+    served = load_state(torch.load(directory / rounds.POLICY_FILE, weights_only=True))
+    assert np.allclose(served.scores(pool.features, 2), whole.controller.scores(pool.features, 2))
+
+
+def test_magral_fit_saved_between_its_stages_round_trips(tmp_path: Path) -> None:
+    features = np.random.default_rng(0).normal(size=(12, 5)).astype(np.float32)
+    settings = MagralSettings(records=6, training=TrainingSettings(updates=4, rollouts=2))
+
+    def proxy(indices: np.ndarray, seed: int) -> float:
+        return float(np.sum(indices)) / 100.0
+
+    fit = begin_fit(features, 3, proxy, settings, seed=1)
+    round_steps.save_fit(tmp_path / "fit.pt", fit)
+    loaded = round_steps.load_fit(tmp_path / "fit.pt")
+    assert loaded.pending == fit.pending and len(fit.pending) == 3
+    assert loaded.rng.bit_generator.state == fit.rng.bit_generator.state
+    assert [r.value for r in loaded.report.records] == [r.value for r in fit.report.records]
+    assert loaded.report.estimator == fit.report.estimator
+    assert np.allclose(loaded.controller.scores(features, 3), fit.controller.scores(features, 3))
+    (tmp_path / "bad.pt").write_bytes(b"not a fit")
+    with pytest.raises(DataError, match=r"bad\.pt"):
+        round_steps.load_fit(tmp_path / "bad.pt")
 
 
 def test_warm_start_keeps_everything_but_the_class_dependent_head(tmp_path: Path) -> None:
@@ -130,7 +163,7 @@ def test_magral_round_with_the_real_detector_and_proxy_at_toy_size(tmp_path: Pat
     steps = round_steps.default_steps()
     version = rounds.run_round(1, client=studio, store=store, config=config, steps=steps)
     metrics = store.load_metrics(1, version)
-    assert metrics["strategy"] == "magral" and metrics["lut_records"] == 1 and metrics["n_validation"] > 0
+    assert metrics["strategy"] == "magral" and metrics["lut_records"] == 2 and metrics["n_validation"] > 0
     directory = store.version_dir(1, version)
     table = json.loads((directory / rounds.LOOKUP_TABLE_FILE).read_text())
     assert len(table["records"]) == 2 and all(0.0 <= r["value"] <= 1.0 for r in table["records"])

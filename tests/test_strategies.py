@@ -16,6 +16,8 @@ from magral_core.strategies import (
     STRATEGIES,
     MagralSettings,
     Pool,
+    begin_fit,
+    end_fit,
     fit_magral,
     image_uncertainty,
     initial_record_specs,
@@ -160,3 +162,21 @@ def test_fit_magral_reuses_records_computed_elsewhere() -> None:
     _, report = fit_magral(feats, 5, proxy, settings, seed=4, records=done)
     assert [r.value for r in report.records[:4]] == [0.5] * 4
     assert len(calls) == 4 and len(report.records) == 8  # only the near-policy records were computed
+
+
+def test_fit_magral_in_two_stages_equals_the_whole_fit() -> None:
+    feats = np.random.default_rng(1).normal(size=(20, 4)).astype(np.float32)
+    settings = MagralSettings(records=6, training=TrainingSettings(updates=4, rollouts=2))
+
+    def proxy(indices: np.ndarray, seed: int) -> float:
+        return float(np.mean(indices)) / 20.0
+
+    whole, whole_report = fit_magral(feats, 3, proxy, settings, seed=2)
+    fit = begin_fit(feats, 3, proxy, settings, seed=2)
+    assert len(fit.pending) == 3 and {s.source for s in fit.pending} == {"policy", "swap"}
+    with pytest.raises(ValueError, match="expected 3 near-policy records, found 0"):
+        end_fit(fit, feats, 3, settings, seed=2, records=[])
+    near = [compute_record(s, proxy) for s in fit.pending]
+    staged, report = end_fit(fit, feats, 3, settings, seed=2, records=near)
+    assert [r.value for r in report.records] == [r.value for r in whole_report.records]
+    assert np.allclose(staged.controller.scores(feats, 3), whole.controller.scores(feats, 3))

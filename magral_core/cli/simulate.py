@@ -108,7 +108,9 @@ def run(args: argparse.Namespace, config: Config) -> int:
         raise UserError(f"--initial {settings.initial} exceeds the pool of {learner.pool_size} images")
     import torch
 
-    torch.set_num_threads(config.torch_threads)
+    from magral_core.engine import setup_torch
+
+    setup_torch(config.torch_threads)
     torch.manual_seed(config.seed)
     magral = MagralSettings(records=config.lut_records, neighbours=config.lut_neighbours,
                             training=TrainingSettings(updates=config.policy_episodes))

@@ -12,9 +12,12 @@ from typing import Any
 from magral_core.strategies.base import Pick, Pool, Strategy
 from magral_core.strategies.coreset import CoresetStrategy, k_center_greedy
 from magral_core.strategies.magral import (
+    MagralFit,
     MagralReport,
     MagralSettings,
     MagralStrategy,
+    begin_fit,
+    end_fit,
     fit_magral,
     initial_record_specs,
 )
@@ -52,6 +55,7 @@ def make_strategy(name: str, **kwargs: Any) -> Strategy:
 __all__ = [
     "STRATEGIES",
     "CoresetStrategy",
+    "MagralFit",
     "MagralReport",
     "MagralSettings",
     "MagralStrategy",
@@ -60,6 +64,8 @@ __all__ = [
     "RandomStrategy",
     "Strategy",
     "UncertaintyStrategy",
+    "begin_fit",
+    "end_fit",
     "fit_magral",
     "image_uncertainty",
     "initial_record_specs",

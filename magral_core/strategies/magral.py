@@ -4,8 +4,9 @@
 (the semi-supervised proxy trained with that batch unlabeled): random records, the best estimator on them,
 policy training on the estimated ΔmAP (estimate minus the mean record value), then records near the
 policy (samples at a raised temperature and local swaps of the best batch so far), a refit, and more
-training. Records are computed here one after another; a service computes the `initial_record_specs`
-in parallel (`lookup_table.compute_record`) and passes them in as `records`.
+training. `fit_magral` computes the records one after another; a service splits it at the records
+(`begin_fit`, then `end_fit`) and computes each stage's records in parallel (`lookup_table.compute_record`
+over `initial_record_specs`, then over `MagralFit.pending`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from magral_core.lookup_table import (
-    Estimator,
     Record,
     RecordSpec,
     best_estimator,
@@ -93,7 +93,18 @@ def initial_record_specs(
                  "random", seed=seed)
 
 
-def fit_magral(
+@dataclass
+class MagralFit:
+    """A fit between its two stages of records: the controller after the first training stage, the report so
+    far, the generator that continues the fit's stream, and the near-policy specs still to be computed."""
+
+    controller: Controller
+    report: MagralReport
+    rng: np.random.Generator
+    pending: list[RecordSpec]
+
+
+def begin_fit(
     features: np.ndarray,
     budget: int,
     evaluate: Callable[[np.ndarray, int], float],
@@ -101,12 +112,10 @@ def fit_magral(
     *,
     seed: int = 0,
     records: Sequence[Record] = (),
-) -> tuple[MagralStrategy, MagralReport]:
-    """Fit a controller for a pool of `features` (N, F) and a batch size `budget` (see module docstring).
-
-    `records` already computed for `initial_record_specs(...)` (e.g. by parallel jobs) are used instead of
-    calling `evaluate` for those specs; the near-policy records always call `evaluate`.
-    """
+) -> MagralFit:
+    """The first stage of `fit_magral`: the random records (`records` already computed for
+    `initial_record_specs(...)` are used instead of calling `evaluate` for those specs), the best estimator
+    on them, the first half of the policy training, and the near-policy specs (`MagralFit.pending`)."""
     n = len(features)
     budget = min(budget, n)
     rng = np.random.default_rng(seed + 1)  # the initial specs use their own generator seeded with `seed`
@@ -116,30 +125,76 @@ def fit_magral(
     for spec in initial_record_specs(n, budget, settings, seed=seed):
         done = known.get(tuple(sorted(spec.indices)))
         report.records.append(done if done is not None else compute_record(spec, evaluate))
-
     controller = build_controller(
         ControllerConfig(features.shape[1], variant=settings.variant, hidden=settings.hidden), seed=seed
     )
-    stages = [settings.training.updates // 2, settings.training.updates - settings.training.updates // 2]
-    for stage, updates in enumerate(stages):
-        estimator, rho = best_estimator(
-            n, report.records, rng, neighbours=settings.neighbours, features=features
-        )
-        report.fidelity.append(rho)
-        report.estimator.append(estimator.name)
-        reference = float(np.mean([r.value for r in report.records]))
+    history = _train_stage(controller, features, budget, settings, report, rng, stage=0, seed=seed)
+    pending: list[RecordSpec] = []
+    if n_policy:
+        sampled = policy_batches(controller, features, budget, n_policy - n_policy // 2,
+                                 temperature=settings.temperature, seed=seed)
+        best = np.asarray(history.best_batch or controller.select(features, budget).tolist())
+        near = swapped_batches(best, n, n_policy // 2, rng)
+        pending = specs(sampled, "policy", seed=seed) + specs(near, "swap", seed=seed)
+    return MagralFit(controller, report, rng, pending)
 
-        def reward(indices: np.ndarray, est: Estimator = estimator, ref: float = reference) -> float:
-            return float(est.estimate_many([indices])[0]) - ref
 
-        step_settings = replace(settings.training, updates=updates, seed=seed + stage)
-        history = train_policy(controller, features, budget, reward, step_settings)
-        report.history.append(history)
-        if stage == 0 and n_policy:
-            sampled = policy_batches(controller, features, budget, n_policy - n_policy // 2,
-                                     temperature=settings.temperature, seed=seed)
-            best = np.asarray(history.best_batch or controller.select(features, budget).tolist())
-            near = swapped_batches(best, n, n_policy // 2, rng)
-            for spec in specs(sampled, "policy", seed=seed) + specs(near, "swap", seed=seed):
-                report.records.append(compute_record(spec, evaluate))
-    return MagralStrategy(controller), report
+def end_fit(
+    fit: MagralFit,
+    features: np.ndarray,
+    budget: int,
+    settings: MagralSettings = MagralSettings(),
+    *,
+    seed: int = 0,
+    records: Sequence[Record] = (),
+) -> tuple[MagralStrategy, MagralReport]:
+    """The second stage of `fit_magral`: add the near-policy `records` (computed for `fit.pending`, in that
+    order), refit the estimator and run the second half of the policy training."""
+    if len(records) != len(fit.pending):
+        raise ValueError(f"expected {len(fit.pending)} near-policy records, found {len(records)}")
+    fit.report.records.extend(records)
+    _train_stage(fit.controller, features, min(budget, len(features)), settings, fit.report, fit.rng,
+                 stage=1, seed=seed)
+    return MagralStrategy(fit.controller), fit.report
+
+
+def _train_stage(controller: Controller, features: np.ndarray, budget: int, settings: MagralSettings,
+                 report: MagralReport, rng: np.random.Generator, *, stage: int, seed: int) -> TrainingHistory:
+    """One training stage: the best estimator on the records so far, then half of the policy updates on
+    its estimated ΔmAP (estimate minus the mean record value)."""
+    estimator, rho = best_estimator(
+        len(features), report.records, rng, neighbours=settings.neighbours, features=features
+    )
+    report.fidelity.append(rho)
+    report.estimator.append(estimator.name)
+    reference = float(np.mean([r.value for r in report.records]))
+
+    def reward(indices: np.ndarray) -> float:
+        return float(estimator.estimate_many([indices])[0]) - reference
+
+    first = settings.training.updates // 2
+    updates = first if stage == 0 else settings.training.updates - first
+    history = train_policy(controller, features, budget, reward,
+                           replace(settings.training, updates=updates, seed=seed + stage))
+    report.history.append(history)
+    return history
+
+
+def fit_magral(
+    features: np.ndarray,
+    budget: int,
+    evaluate: Callable[[np.ndarray, int], float],
+    settings: MagralSettings = MagralSettings(),
+    *,
+    seed: int = 0,
+    records: Sequence[Record] = (),
+) -> tuple[MagralStrategy, MagralReport]:
+    """Fit a controller for a pool of `features` (N, F) and a batch size `budget` (see module docstring):
+    `begin_fit`, the near-policy records computed here one after another, `end_fit`.
+
+    `records` already computed for `initial_record_specs(...)` (e.g. by parallel jobs) are used instead of
+    calling `evaluate` for those specs.
+    """
+    fit = begin_fit(features, budget, evaluate, settings, seed=seed, records=records)
+    near = [compute_record(spec, evaluate) for spec in fit.pending]
+    return end_fit(fit, features, budget, settings, seed=seed, records=near)
