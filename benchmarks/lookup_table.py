@@ -16,13 +16,19 @@ part + w(t)·flip consistency on the batch, the same steps, learning rate and ra
 unlabeled image per step) with the whole detector trained end to end from the task detector's weights (every
 parameter the detector trains; RPN losses included), no caching, then validation mAP. Decoded images are
 prepared before either is timed. Prints `full / (record + share)` (one proxy shared by a round's records,
-as the simulator and `fit_magral` use it) and `full / record job` (the service's record job builds its own
-proxy, so it caches the labeled and validation parts and its batch by itself).
+as the simulator and `fit_magral` use it) and `full / record job` (the service's record job loads the
+round's saved proxy cache into a fresh proxy, then computes its record).
 
 Part 2, a round: detector training, feature extraction (pool + labeled embeddings, detections, features),
 the proxy's caching, look-up-table records (initial random ones, computed before the fit as a queue would,
 plus the near-policy ones `fit_magral` asks for), policy training (the rest of `fit_magral`: estimators and
 REINFORCE) and ranking. Wall times depend on what else runs on the machine; CPU seconds are printed too.
+
+Part 3 (`--fidelity-records N`, 0 skips it): how much signal the reward has. N more uniformly random
+records of the same proxy; the first 16 computed again with another proxy seed (test-retest Spearman ρ of
+a record: the ceiling of any estimator) and the spread between batches against the spread between the
+two seeds; then each estimator's 4-fold cross-validated Spearman ρ on the N records, trained on three
+quarters of them and, as in a round, on `records` of them.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -213,14 +220,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             done.append(compute_record(spec, proxy))
             record_s.append(time.perf_counter() - start)
 
-    # A record job of the service (`round_steps.lut_record_step`) builds its own proxy: its caching covers
-    # the labeled training part, the validation part and its own batch, shared with nothing.
-    cold = make_proxy(r.model, r.pool, r.labeled, r.unlabeled, settings, seed=config.seed)
-    for mine, warm in ((cold.train, proxy.train), (cold.pool, proxy.pool), (cold.val, proxy.val)):
-        mine.images = warm.images  # decoded images are shared: decoding is timed for neither proxy
-    start = time.perf_counter()
-    compute_record(specs[0], cold)
-    job_s = time.perf_counter() - start
+    # A record job of the service (`round_steps.lut_record_step`) loads the round's saved proxy cache
+    # (written once by the round's first stage) into a fresh proxy and computes its record.
+    with tempfile.TemporaryDirectory() as tmp:
+        proxy.save(Path(tmp) / "proxy_cache.pt")
+        start = time.perf_counter()
+        cold = make_proxy(r.model, r.pool, r.labeled, r.unlabeled, settings, seed=config.seed)
+        cold.load(Path(tmp) / "proxy_cache.pt")
+        compute_record(specs[0], cold)
+        job_s = time.perf_counter() - start
 
     # Part 1: one full proxy training on the first record's batch, same seed.
     caches = {"train": proxy.train.images, "pool": proxy.pool.images, "val": proxy.val.images}
@@ -246,6 +254,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     with timer("ranking"):
         strategy.rank(pool, budget, np.random.default_rng(args.seed))
 
+    study = fidelity_study(proxy, len(r.unlabeled), budget, pool.features, config.lut_neighbours,
+                           args.fidelity_records, records, seed=args.seed) if args.fidelity_records else None
+
     n_records = len(record_s)
     share = timer.wall["caching"] / n_records
     record = float(np.median(record_s))
@@ -263,10 +274,41 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "configured_records": config.lut_records,
         "ratio_at_configured_records": full_s / (record + timer.wall["caching"] / config.lut_records),
         "round_wall_s": dict(timer.wall), "round_cpu_s": dict(timer.cpu),
-        "lut_fidelity": report.fidelity, "estimators": report.estimator,
+        "lut_fidelity": report.fidelity, "estimators": report.estimator, "fidelity_study": study,
         "train_report": asdict(r.train_report),
     }
     return result
+
+
+def fidelity_study(proxy: Any, pool_size: int, budget: int, features: np.ndarray, neighbours: int,
+                   count: int, round_records: int, *, seed: int) -> dict[str, Any]:
+    """Part 3 (see the module docstring)."""
+    from magral_core.lookup_table import candidate_estimators, compute_record, random_batches, spearman, specs
+
+    rng = np.random.default_rng([seed, 3])
+    batches = random_batches(pool_size, budget, count, rng)
+    recs = [compute_record(spec, proxy) for spec in specs(batches, "random", seed=seed)]
+    values = np.array([r.value for r in recs])
+    retest = min(16, count)
+    again = np.array([proxy(b, seed + 1) for b in batches[:retest]])
+    folds = np.array_split(rng.permutation(count), 4)
+    cv: dict[str, dict[str, float]] = {}
+    for name, make in candidate_estimators(pool_size, neighbours=neighbours, features=features).items():
+        cv[name] = {}
+        for label, size in (("three_quarters", count), ("round_records", round_records)):
+            estimated, actual = [], []
+            for test in folds:
+                held = set(test.tolist())
+                train = [recs[i] for i in range(count) if i not in held][:size]
+                estimated += list(make(train).estimate_many([recs[i].indices for i in test]))
+                actual += [recs[i].value for i in test]
+            cv[name][label] = spearman(np.array(estimated), np.array(actual))
+    return {
+        "records": count, "round_records": round_records, "value_mean": float(values.mean()),
+        "between_batches_std": float(values.std(ddof=1)),
+        "between_seeds_std": float(np.std(values[:retest] - again, ddof=1) / np.sqrt(2)),
+        "retest_rho": spearman(values[:retest], again), "cv_rho": cv,
+    }
 
 
 def print_result(result: dict[str, Any]) -> None:
@@ -280,7 +322,7 @@ def print_result(result: dict[str, Any]) -> None:
           f"without the caching share {result['ratio_without_caching']:.1f}x; with the share of "
           f"{result['configured_records']} records (the configured count) "
           f"{result['ratio_at_configured_records']:.1f}x")
-    print(f"a service record job (own proxy, caching its training, validation and batch images): "
+    print(f"a service record job (a fresh proxy loading the round's saved cache, then the record): "
           f"{result['record_job_s']:.1f} s; ratio {result['ratio_record_job']:.1f}x")
     total = sum(result["round_wall_s"].values())
     print("round components (wall s, cpu s, share of the round):")
@@ -288,6 +330,14 @@ def print_result(result: dict[str, Any]) -> None:
         wall = result["round_wall_s"].get(name, 0.0)
         cpu = result["round_cpu_s"].get(name, float("nan"))
         print(f"  {name:16s} {wall:8.1f} {cpu:8.1f} {100 * wall / total:5.1f}%")
+    study = result.get("fidelity_study")
+    if study:
+        print(f"reward signal over {study['records']} random records: value {study['value_mean']:.4f}, "
+              f"std between batches {study['between_batches_std']:.4f}, between proxy seeds "
+              f"{study['between_seeds_std']:.4f}; test-retest rho {study['retest_rho']:.2f}")
+        for name, rho in study["cv_rho"].items():
+            print(f"  {name:16s} cross-validated rho: trained on 3/4 {rho['three_quarters']:+.2f}, "
+                  f"on {study['round_records']} records {rho['round_records']:+.2f}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -303,10 +353,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="policy-gradient updates (default: config policy_episodes, quick 20)")
     parser.add_argument("--pool-limit", type=int, default=None,
                         help="random subset of the pool (default: all of train, quick 60)")
+    parser.add_argument("--fidelity-records", type=int, default=0,
+                        help="part 3: random records for the reward-signal study (default 0: skipped)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
+    if args.fidelity_records and args.fidelity_records < 8:
+        parser.error(f"--fidelity-records must be 0 or >= 8, found {args.fidelity_records}")
     result = measure(args)
     print_result(result)
     if args.json:
