@@ -109,6 +109,38 @@ def setup_round(data: Path, config: Any, *, labeled: int, pool_limit: int | None
     return RoundSetup(config, dataset, pool, lab, unl, model, report)
 
 
+@dataclass
+class BenchSetup:
+    """What both BCCD round benchmarks start from: the config, a timer, the batch size, the proxy's
+    schedule and the round with its task detector trained."""
+
+    config: Any
+    timer: Timer
+    budget: int
+    settings: Any
+    round: RoundSetup
+
+
+def bench_setup(args: argparse.Namespace) -> BenchSetup:
+    """Config (`--quick`: `quick_config`), torch threads, then `setup_round` with the shared flags
+    (`--labeled`, `--budget`, `--pool-limit`, `--seed`) and their quick defaults."""
+    from magral_core.config import Config
+    from magral_core.engine import setup_torch
+    from magral_core.proxy import ProxySettings
+
+    config = Config.from_env()
+    config = quick_config(config) if args.quick else config
+    setup_torch(args.threads)
+    timer = Timer()
+    labeled = args.labeled or (20 if args.quick else 30)
+    budget = args.budget or (5 if args.quick else config.budget)
+    settings = ProxySettings(epochs=2 if args.quick else ProxySettings.epochs,
+                             score_threshold=config.score_threshold)
+    pool_limit = args.pool_limit or (60 if args.quick else None)
+    r = setup_round(args.data, config, labeled=labeled, pool_limit=pool_limit, seed=args.seed, timer=timer)
+    return BenchSetup(config, timer, budget, settings, r)
+
+
 def full_proxy(model: Any, train: Any, pool: Any, batch: Sequence[int], val: Any, settings: Any, *, seed: int,
                caches: dict[str, Any]) -> float:
     """Validation mAP of the whole detector (a copy of `model`) trained end to end on the proxy's objective
@@ -173,26 +205,16 @@ def full_proxy(model: Any, train: Any, pool: Any, batch: Sequence[int], val: Any
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from magral_core.config import Config
-    from magral_core.engine import setup_torch
     from magral_core.lookup_table import compute_record
     from magral_core.policy_training import TrainingSettings
-    from magral_core.proxy import ProxySettings, make_proxy
+    from magral_core.proxy import make_proxy
     from magral_core.simulation import DetectorLearner
     from magral_core.strategies import MagralSettings, fit_magral, initial_record_specs
 
-    config = Config.from_env()
-    config = quick_config(config) if args.quick else config
-    setup_torch(args.threads)
-    timer = Timer()
-    labeled = args.labeled or (20 if args.quick else 30)
-    budget = args.budget or (5 if args.quick else config.budget)
+    setup = bench_setup(args)
+    config, timer, budget, settings, r = setup.config, setup.timer, setup.budget, setup.settings, setup.round
     records = args.records or (4 if args.quick else config.lut_records)
     updates = args.updates or (20 if args.quick else config.policy_episodes)
-    settings = ProxySettings(epochs=2 if args.quick else ProxySettings.epochs,
-                             score_threshold=config.score_threshold)
-    pool_limit = args.pool_limit or (60 if args.quick else None)
-    r = setup_round(args.data, config, labeled=labeled, pool_limit=pool_limit, seed=args.seed, timer=timer)
     print(f"pool={len(r.pool)} labeled={len(r.labeled)} image_size={config.image_size} "
           f"epochs={config.epochs} budget={budget} records={records} proxy_epochs={settings.epochs} "
           f"threads={torch.get_num_threads()}", flush=True)

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.lookup_table import DEFAULT_DATA, Timer, quick_config, setup_round
+from benchmarks.lookup_table import DEFAULT_DATA, bench_setup
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -47,29 +47,20 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from scipy.stats import spearmanr
 
-    from magral_core.config import Config
     from magral_core.detectors import build_detector
-    from magral_core.engine import ImageCache, predict, setup_torch, train_detector
+    from magral_core.engine import ImageCache, predict, train_detector
     from magral_core.evaluation import evaluate_coco
-    from magral_core.proxy import ProxySettings, consistency_mask, make_proxy
+    from magral_core.proxy import consistency_mask, make_proxy
     from magral_core.simulation import DetectorLearner
     from magral_core.strategies import make_strategy
 
-    config = Config.from_env()
-    config = quick_config(config) if args.quick else config
-    setup_torch(args.threads)
-    timer = Timer()
-    labeled = args.labeled or (20 if args.quick else 30)
-    budget = args.budget or (5 if args.quick else config.budget)
+    setup = bench_setup(args)
+    config, timer, budget, settings, r = setup.config, setup.timer, setup.budget, setup.settings, setup.round
     n_random = args.batches if args.batches is not None else (2 if args.quick else 8)
     strategies = [s for s in (args.strategies or ("entropy_max" if args.quick else "entropy_max,coreset"))
                   .split(",") if s]
     seeds = _ints(args.seeds) if args.seeds else (args.seed,)
     proxy_seeds = _ints(args.proxy_seeds) if args.proxy_seeds else ((0,) if args.quick else (0, 1, 2))
-    settings = ProxySettings(epochs=2 if args.quick else ProxySettings.epochs,
-                             score_threshold=config.score_threshold)
-    r = setup_round(args.data, config, labeled=labeled,
-                    pool_limit=args.pool_limit or (60 if args.quick else None), seed=args.seed, timer=timer)
     val = r.dataset.split("val")
     val_limit = args.val_limit or (30 if args.quick else None)
     if val_limit is not None:
