@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from magral_core import ranking, round_steps, rounds
 from magral_core.config import Config
-from magral_core.errors import UserError
-from magral_core.label_config import LabelConfig
-from magral_core.store import ModelStore
-from magral_core.structures import AnnotatedImage, DetectionDataset, Detections
+from magral_core.service import bindings, staging
+from magral_core.service.predict import TaskRef, predict_tasks
+from magral_core.service.steps import RoundSteps, StudioClient
+from magral_core.service.store import ModelStore
+from magral_core.studio.label_config import LabelConfig
+from magral_core.studio.results import restrict_to_config
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,8 @@ class Predictor:
         store: ModelStore,
         config: Config,
         *,
-        client_for: Callable[[int], Any],
-        steps: Callable[[], rounds.RoundSteps] = round_steps.default_steps,
+        client_for: Callable[[int], StudioClient],
+        steps: Callable[[], RoundSteps] = bindings.default_steps,
     ) -> None:
         self.store = store
         self.config = config
@@ -72,7 +72,7 @@ class Predictor:
                 missing.append(position)
                 out.append(None)
             else:
-                result = ranking.restrict_to_config(stored["result"], config)
+                result = restrict_to_config(stored["result"], config)
                 out.append({"model_version": version, "score": stored["score"], "result": result})
         if missing:
             computed = self._run_detector(project, loaded, [tasks[i] for i in missing], config)
@@ -87,7 +87,7 @@ class Predictor:
                 directory = self.store.version_dir(project, version)
                 metrics = self.store.load_metrics(project, version)
                 loaded = LoadedVersion(
-                    version, rounds.load_predictions(directory), tuple(metrics.get("class_names", ()))
+                    version, staging.load_predictions(directory), tuple(metrics.get("class_names", ()))
                 )
                 self._loaded[project] = loaded
                 log.info(
@@ -98,11 +98,11 @@ class Predictor:
                 )
             return loaded
 
-    def _model(self, project: int, loaded: LoadedVersion, steps: rounds.RoundSteps) -> Any:
+    def _model(self, project: int, loaded: LoadedVersion, steps: RoundSteps) -> Any:
         with self._lock:
             current = self._loaded.get(project, loaded)
             if current.model is None or current.version != loaded.version:
-                path = self.store.version_dir(project, loaded.version) / rounds.DETECTOR_FILE
+                path = self.store.version_dir(project, loaded.version) / staging.DETECTOR_FILE
                 current = LoadedVersion(
                     loaded.version, loaded.predictions, loaded.class_names, steps.load_model(path)
                 )
@@ -114,47 +114,19 @@ class Predictor:
     def _run_detector(
         self, project: int, loaded: LoadedVersion, tasks: Sequence[Mapping[str, Any]], config: LabelConfig
     ) -> list[dict[str, Any]]:
-        """Predictions of the cached detector; a task whose image cannot be had gets an empty result (one
-        log line) so the other tasks of the request still get theirs."""
-        from magral_core.images import image_size
-
+        """Predictions of the cached detector (see `service.predict.predict_tasks`); a task whose image
+        cannot be had gets an empty result so the other tasks of the request still get theirs."""
         steps = self.steps()
-        client = self.client_for(project)
-        images: list[AnnotatedImage | None] = []
+        refs = []
         for task in tasks:
-            try:
-                data = task.get("data")
-                url = data.get(config.image_key) if isinstance(data, Mapping) else None
-                if not isinstance(url, str) or not url:
-                    raise UserError(
-                        f"expected data.{config.image_key} (the image URL the label config names), "
-                        f"found {data!r:.80}"
-                    )
-                path = Path(client.fetch_image(url, task_id=int(task["id"])))
-                width, height = image_size(path)
-                images.append(AnnotatedImage(int(task["id"]), str(path), width, height))
-            except UserError as exc:
-                log.warning("project=%s task=%s no prediction: %s", project, task.get("id"), exc)
-                images.append(None)
-        found = [image for image in images if image is not None]
-        detections: Iterator[Detections] = iter([])
-        if found:
-            model = self._model(project, loaded, steps)
-            dataset = DetectionDataset(Path("/"), loaded.class_names, tuple(found))
-            detections = iter(steps.extract(model, dataset, self.config)[0])
-        out = []
-        for image in images:
-            result = (
-                []
-                if image is None
-                else ranking.detections_to_results(
-                    next(detections),
-                    width=image.width,
-                    height=image.height,
-                    class_names=loaded.class_names,
-                    config=config,
-                    threshold=self.config.prediction_threshold,
-                )
-            )
-            out.append({"model_version": loaded.version, "score": UNRANKED_SCORE, "result": result})
-        return out
+            data = task.get("data")
+            url = data.get(config.image_key) if isinstance(data, Mapping) else None
+            refs.append(TaskRef(int(task["id"]), url if isinstance(url, str) else None))
+        results = predict_tasks(
+            project, refs, client=self.client_for(project), model=lambda: self._model(project, loaded, steps),
+            steps=steps, class_names=loaded.class_names, label_config=config, config=self.config,
+        )
+        return [
+            {"model_version": loaded.version, "score": UNRANKED_SCORE, "result": result or []}
+            for result in results
+        ]

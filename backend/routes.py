@@ -9,12 +9,12 @@ from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
 
-from backend.app import Services
 from backend.errors import ApiError
 from backend.predictions import UNTRAINED
+from backend.services import Services
 from backend.webhook import parse_event, project_id
-from magral_core.label_config import LabelConfig, LabelConfigError, parse_label_config
-from magral_core.store import StoreError
+from magral_core.service.store import StoreError
+from magral_core.studio.label_config import LabelConfig, LabelConfigError, parse_label_config
 
 log = logging.getLogger(__name__)
 blueprint = Blueprint("magral", __name__)

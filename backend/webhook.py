@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backend.errors import ApiError
-from magral_core.label_config import LabelConfigError, parse_label_config, select_rectangles
+from magral_core.studio.label_config import LabelConfigError, parse_label_config, select_rectangles
 
 ANNOTATION_ACTIONS = (
     "ANNOTATION_CREATED",

@@ -37,8 +37,8 @@ def measure_one(name: str, data: Path, images: int, threads: int) -> dict[str, A
 
     from magral_core.config import Config
     from magral_core.datasets import load_dataset
-    from magral_core.detectors import build_detector
-    from magral_core.engine import ImageCache, predict, setup_torch, train_detector
+    from magral_core.vision.detectors import build_detector
+    from magral_core.vision.engine import DecodedImageCache, predict, setup_torch, train_detector
 
     baseline = _rss_mib()
     config = Config.from_env()
@@ -47,7 +47,8 @@ def measure_one(name: str, data: Path, images: int, threads: int) -> dict[str, A
     model = build_detector(name, num_classes=dataset.num_classes, image_size=config.image_size,
                            weights_dir=config.weights_dir)
     warm, timed = dataset.subset([0, 1]), dataset.subset(range(2, images + 2))
-    warm_cache, timed_cache = ImageCache(warm, config.image_size), ImageCache(timed, config.image_size)
+    warm_cache = DecodedImageCache(warm, config.image_size)
+    timed_cache = DecodedImageCache(timed, config.image_size)
     for i in range(len(timed)):
         timed_cache[i]  # decode and resize outside the timed region
     train_detector(model, warm, epochs=1, batch_size=2, learning_rate=1e-4, seed=0, cache=warm_cache)
@@ -70,9 +71,9 @@ def measure_accuracy(data: Path, threads: int, progress: bool) -> dict[str, Any]
     """Default detector, configured schedule, trained on `train`, evaluated on `test`."""
     from magral_core.config import Config
     from magral_core.datasets import load_dataset
-    from magral_core.detectors import build_detector
-    from magral_core.engine import predict, setup_torch, train_detector
-    from magral_core.evaluation import evaluate_coco
+    from magral_core.vision.detectors import build_detector
+    from magral_core.vision.engine import predict, setup_torch, train_detector
+    from magral_core.vision.evaluation import evaluate_coco
 
     config = Config.from_env()
     setup_torch(threads)
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
     from magral_core.config import Config
-    from magral_core.detectors import DETECTORS
+    from magral_core.vision.detectors import DETECTORS
 
     threads = args.threads or Config.from_env().torch_threads
     if args.one:

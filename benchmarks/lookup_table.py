@@ -29,6 +29,8 @@ records of the same proxy; the first 16 computed again with another proxy seed (
 a record: the ceiling of any estimator) and the spread between batches against the spread between the
 two seeds; then each estimator's 4-fold cross-validated Spearman ρ on the N records, trained on three
 quarters of them and, as in a round, on `records` of them.
+
+Kept as one module because it is one benchmark command whose measurements share one round setup.
 """
 
 from __future__ import annotations
@@ -89,8 +91,8 @@ def setup_round(data: Path, config: Any, *, labeled: int, pool_limit: int | None
     """Load BCCD, draw `labeled` pool images (seeded) and train the task detector on them (timed as
     "train")."""
     from magral_core.datasets import load_dataset
-    from magral_core.detectors import build_detector
-    from magral_core.engine import train_detector
+    from magral_core.vision.detectors import build_detector
+    from magral_core.vision.engine import train_detector
 
     dataset = load_dataset(data)
     pool = dataset.split("train")
@@ -125,8 +127,8 @@ def bench_setup(args: argparse.Namespace) -> BenchSetup:
     """Config (`--quick`: `quick_config`), torch threads, then `setup_round` with the shared flags
     (`--labeled`, `--budget`, `--pool-limit`, `--seed`) and their quick defaults."""
     from magral_core.config import Config
-    from magral_core.engine import setup_torch
-    from magral_core.proxy import ProxySettings
+    from magral_core.method.proxy import ProxySettings
+    from magral_core.vision.engine import setup_torch
 
     config = Config.from_env()
     config = quick_config(config) if args.quick else config
@@ -148,9 +150,9 @@ def full_proxy(model: Any, train: Any, pool: Any, batch: Sequence[int], val: Any
     import torch
     from torchvision.models.detection.image_list import ImageList
 
-    from magral_core.engine import predict
-    from magral_core.evaluation import evaluate_coco
-    from magral_core.proxy import flip_boxes, flip_consistency, ramp
+    from magral_core.method.proxy import flip_boxes, flip_consistency, ramp
+    from magral_core.vision.engine import predict
+    from magral_core.vision.evaluation import evaluate_coco
 
     net: Any = copy.deepcopy(model).train()
     params = [p for p in net.parameters() if p.requires_grad]
@@ -205,11 +207,11 @@ def full_proxy(model: Any, train: Any, pool: Any, batch: Sequence[int], val: Any
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from magral_core.lookup_table import compute_record
-    from magral_core.policy_training import TrainingSettings
-    from magral_core.proxy import make_proxy
+    from magral_core.method.lookup_table import compute_record
+    from magral_core.method.policy_training import TrainingSettings
+    from magral_core.method.proxy import make_proxy
+    from magral_core.method.strategies import MagralSettings, fit_magral, initial_record_specs
     from magral_core.simulation import DetectorLearner
-    from magral_core.strategies import MagralSettings, fit_magral, initial_record_specs
 
     setup = bench_setup(args)
     config, timer, budget, settings, r = setup.config, setup.timer, setup.budget, setup.settings, setup.round
@@ -305,7 +307,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def fidelity_study(proxy: Any, pool_size: int, budget: int, features: np.ndarray, neighbours: int,
                    count: int, round_records: int, *, seed: int) -> dict[str, Any]:
     """Part 3 (see the module docstring)."""
-    from magral_core.lookup_table import candidate_estimators, compute_record, random_batches, spearman, specs
+    from magral_core.method.lookup_table import (
+        candidate_estimators,
+        compute_record,
+        random_batches,
+        spearman,
+        specs,
+    )
 
     rng = np.random.default_rng([seed, 3])
     batches = random_batches(pool_size, budget, count, rng)

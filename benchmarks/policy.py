@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from magral_core.engine import setup_torch
-from magral_core.lookup_table import LookupTable, Record, random_batches
-from magral_core.policy import ControllerConfig, build_controller
-from magral_core.policy_training import TrainingSettings, train_policy
+from magral_core.method.lookup_table import LookupTable, Record, random_batches
+from magral_core.method.policy import ControllerConfig, build_controller
+from magral_core.method.policy_training import TrainingSettings, train_policy
+from magral_core.vision.engine import setup_torch
 
 
 def measure(variant: str, n: int, *, features: int, budget: int, records: int, updates: int,

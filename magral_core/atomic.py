@@ -6,12 +6,15 @@ one file system); on any error the temporary file is removed and the target is l
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+from magral_core.errors import StoreError
 
 
 @contextmanager
@@ -43,3 +46,18 @@ def write_text_atomic(path: str | os.PathLike[str], text: str, *, permissions: i
     """Write `text` (UTF-8) to `path` atomically."""
     with atomic_open(path, "w", permissions=permissions) as handle:
         handle.write(text)
+
+
+def write_json(path: str | os.PathLike[str], data: Any, *, permissions: int = 0o644) -> None:
+    """Write `data` as indented, key-sorted JSON to `path` atomically."""
+    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n", permissions=permissions)
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Read a JSON file; raises StoreError naming the file when it is missing or corrupt."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StoreError(f"expected {path} to exist, found nothing") from None
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from None

@@ -18,6 +18,26 @@ class ConfigError(ValueError):
     """An environment variable holds a value of the wrong type or out of range."""
 
 
+# The names the registries answer to, here so that a config is checked when read, without importing torch.
+# `vision.detectors.DETECTORS` and `method.strategies.STRATEGIES` are built on these (tests hold them equal).
+DETECTOR_NAMES: tuple[str, ...] = (
+    "frcnn_mobilenet_v2",
+    "ssd300_vgg16",
+    "retinanet_resnet50_fpn",
+    "ssdlite320_mobilenet_v3",
+)
+UNCERTAINTY_MEASURES: tuple[str, ...] = ("entropy", "least_confidence", "margin")
+UNCERTAINTY_AGGREGATIONS: tuple[str, ...] = ("max", "mean", "sum")
+HEURISTIC_STRATEGIES: tuple[str, ...] = (
+    "random",
+    *(f"{m}_{a}" for m in UNCERTAINTY_MEASURES for a in UNCERTAINTY_AGGREGATIONS),
+    "coreset",
+)
+"""Strategies that rank from the pool's features alone (usable as the fallback)."""
+STRATEGY_NAMES: tuple[str, ...] = (*HEURISTIC_STRATEGIES, "magral")
+LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def _default_home() -> Path:
     return Path.home() / ".magral"
 
@@ -56,7 +76,7 @@ class Config:
 
     # --- detector and training -----------------------------------------------------------------------------
     detector: str = field(default="frcnn_mobilenet_v2", metadata={"env": "MAGRAL_DETECTOR"})
-    """Registered detector name (see `magral_core.detectors`). Default "frcnn_mobilenet_v2"."""
+    """Registered detector name (see `magral_core.vision.detectors`). Default "frcnn_mobilenet_v2"."""
 
     image_size: int = field(default=448, metadata={"env": "MAGRAL_IMAGE_SIZE"})
     """Longest image side in pixels that detectors see (images are resized to fit). Default 448."""
@@ -171,7 +191,19 @@ class Config:
         return config
 
     def validate(self) -> None:
-        """Raise ConfigError when a value is out of its range."""
+        """Raise ConfigError when a value is out of its range or not one of its allowed names; the message
+        names the environment variable, the value found and what is allowed."""
+        allowed = {
+            "detector": DETECTOR_NAMES,
+            "fallback_strategy": HEURISTIC_STRATEGIES,
+            "log_level": LOG_LEVELS,
+        }
+        for name, values in allowed.items():
+            value = getattr(self, name)
+            if (value.upper() if name == "log_level" else value) not in values:
+                raise ConfigError(
+                    f"{_env_name(name)} must be one of {', '.join(values)}; found {value!r}"
+                )
         positive = ("image_size", "epochs", "batch_size", "budget", "lut_records", "lut_neighbours",
                     "processes_per_machine", "max_request_bytes", "max_image_bytes", "max_image_pixels",
                     "image_cache_bytes", "round_timeout")
@@ -181,7 +213,9 @@ class Config:
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0, found {self.threads}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"device must be 'cpu' or 'cuda', found {self.device!r}")
+            raise ConfigError(
+                f"{_env_name('device')} must be 'cpu', 'cuda' or 'cuda:<index>'; found {self.device!r}"
+            )
         for name in ("score_threshold", "prediction_threshold"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be within [0, 1], found {getattr(self, name)}")
@@ -197,6 +231,11 @@ class Config:
     def weights_dir(self) -> Path:
         """Where torchvision's weights API looks for pretrained checkpoints."""
         return self.torch_home / "hub" / "checkpoints"
+
+
+def _env_name(field_name: str) -> str:
+    """The environment variable of a `Config` field."""
+    return str(next(f.metadata["env"] for f in fields(Config) if f.name == field_name))
 
 
 def _parse(name: str, raw: str, kind: Any) -> Any:

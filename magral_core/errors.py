@@ -13,3 +13,7 @@ class UserError(MagralError):
 
 class DataError(UserError):
     """A dataset or annotation file that cannot be read: the message names the file and the problem."""
+
+
+class StoreError(MagralError):
+    """Files on disk are not as expected (a missing version, a corrupt file): the message names the file."""

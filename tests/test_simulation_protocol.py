@@ -8,6 +8,7 @@ from dataclasses import fields
 import numpy as np
 import pytest
 
+from magral_core.method.strategies import Pick, Pool, make_strategy
 from magral_core.simulation import (
     Metrics,
     RoundContext,
@@ -20,7 +21,6 @@ from magral_core.simulation import (
     run_curve,
     run_simulation,
 )
-from magral_core.strategies import Pick, Pool, make_strategy
 
 SETTINGS = SimulationSettings(
     initial=10, budget=5, rounds=4, strategies=("random", "entropy_max"), seeds=(0, 1)

@@ -7,13 +7,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from magral_core.checkpoint import load_checkpoint
 from magral_core.cli.train import split_of
 from magral_core.config import Config
 from magral_core.datasets import load_dataset
-from magral_core.engine import predict, setup_torch
 from magral_core.errors import UserError
-from magral_core.evaluation import evaluate_coco
+from magral_core.vision.checkpoint import load_checkpoint
+from magral_core.vision.engine import predict, setup_torch
+from magral_core.vision.evaluation import evaluate_coco
 
 
 def register(sub: Any) -> None:

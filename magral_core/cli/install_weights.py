@@ -7,7 +7,7 @@ from typing import Any
 
 from magral_core.config import Config
 from magral_core.errors import UserError
-from magral_core.weights import install_weights
+from magral_core.vision.weights import install_weights
 
 
 def register(sub: Any) -> None:

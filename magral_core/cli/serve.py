@@ -150,15 +150,14 @@ def run_worker(args: argparse.Namespace, config: Config) -> int:
     from rq import Queue
 
     # torch, the detectors and the strategies are imported before the fork on purpose: every job starts warm
-    import magral_core.detectors
-    import magral_core.strategies  # noqa: F401
-    from magral_core import jobs
-    from magral_core.engine import setup_torch
-    from magral_core.queueing import QUEUE_NAME
+    import magral_core.service.jobs  # noqa: F401
+    from magral_core.service import context
+    from magral_core.service.queue import QUEUE_NAME
+    from magral_core.vision.engine import setup_torch
 
     setup_torch(config.torch_threads)
     # the configuration (secrets included) comes from this process's environment, never through Redis
-    jobs.install(jobs.WorkerContext(config))
+    context.install(context.WorkerContext(config))
     connection = Redis.from_url(config.redis_url)
     worker = torch_worker_class()(
         [Queue(args.queue or QUEUE_NAME, connection=connection)], connection=connection
@@ -177,7 +176,7 @@ def torch_worker_class() -> type:
         torch_threads = 1
 
         def perform_job(self, job: Any, queue: Any, execution: Any) -> bool:
-            from magral_core.engine import setup_torch
+            from magral_core.vision.engine import setup_torch
 
             setup_torch(self.torch_threads)
             return bool(super().perform_job(job, queue, execution))

@@ -2,8 +2,8 @@
 
 The pool is one split (images that may be labeled), results are measured on another (`--test-split`) that
 selection never sees. Learners: "detector" (the configured detector, retrained from scratch each round
-with the configured schedule; MAGRAL's proxy is `magral_core.proxy` on a validation part carved from the
-labeled set) and "toy" (closed-form metrics, for dry runs of the protocol). Every finished round is saved
+with the configured schedule; MAGRAL's proxy is `magral_core.method.proxy` on a validation part carved from
+the labeled set) and "toy" (closed-form metrics, for dry runs of the protocol). Every finished round is saved
 under `<out>/rounds/`, so re-running the same command resumes. Writes results.json, results.csv,
 summary.md and curve.png into `--out`.
 """
@@ -20,7 +20,8 @@ import numpy as np
 
 from magral_core.config import Config
 from magral_core.errors import UserError
-from magral_core.policy_training import TrainingSettings
+from magral_core.method.policy_training import TrainingSettings
+from magral_core.method.strategies import STRATEGIES, MagralSettings
 from magral_core.simulation import (
     DetectorLearner,
     Metrics,
@@ -33,7 +34,6 @@ from magral_core.simulation import (
     write_atomic,
     write_reports,
 )
-from magral_core.strategies import STRATEGIES, MagralSettings
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         raise UserError(f"--initial {settings.initial} exceeds the pool of {learner.pool_size} images")
     import torch
 
-    from magral_core.engine import setup_torch
+    from magral_core.vision.engine import setup_torch
 
     setup_torch(config.torch_threads)
     torch.manual_seed(config.seed)

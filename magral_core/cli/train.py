@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from magral_core.atomic import atomic_open
-from magral_core.checkpoint import save_checkpoint
 from magral_core.config import Config
 from magral_core.datasets import load_dataset
-from magral_core.detectors import DETECTORS, build_detector
-from magral_core.engine import ImageCache, predict, setup_torch, train_detector
 from magral_core.errors import UserError
-from magral_core.evaluation import evaluate_coco
 from magral_core.structures import DetectionDataset
+from magral_core.vision.checkpoint import save_checkpoint
+from magral_core.vision.detectors import DETECTORS, build_detector
+from magral_core.vision.engine import DecodedImageCache, predict, setup_torch, train_detector
+from magral_core.vision.evaluation import evaluate_coco
 
 CHECKPOINT_NAME = "detector.pt"
 METRICS_NAME = "metrics.json"
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
                            weights_dir=config.weights_dir, seed=config.seed)
     report = train_detector(model, train, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                             seed=config.seed, device=config.device, progress=progress,
-                            cache=ImageCache(train, image_size))
+                            cache=DecodedImageCache(train, image_size))
     metrics: dict[str, Any] = {
         "detector": detector, "train_split": args.train_split, "train_images": len(train),
         "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "image_size": image_size,

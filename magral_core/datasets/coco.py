@@ -9,9 +9,9 @@ from typing import Any
 
 from ..boxes import coco_xywh_to_xyxy, xyxy_to_coco_xywh
 from ..errors import DataError
-from ..images import image_size
 from ..structures import DetectionDataset
 from .common import JsonReader, build_dataset, clean_image
+from .images import image_size
 
 
 def _size_or_read(reader: JsonReader, obj: dict[str, Any], where: str, path: Path) -> tuple[int, int]:

@@ -18,9 +18,9 @@ from urllib.parse import parse_qs, unquote, urlparse
 import numpy as np
 
 from ..boxes import labelstudio_percent_to_xyxy
-from ..images import image_size
 from ..structures import AnnotatedImage, CleaningReport, DetectionDataset
 from .common import JsonReader, build_dataset, clean_image
+from .images import image_size
 
 _UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-")  # Label Studio prefixes uploaded file names with 8 hex digits
 

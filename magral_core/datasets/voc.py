@@ -10,9 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import DataError
-from ..images import image_size
 from ..structures import DetectionDataset
 from .common import build_dataset, clean_image
+from .images import image_size
 
 VOC_SPLITS = ("train", "val", "test")
 """ImageSets/Main files read as splits; `trainval.txt` only names images listed in none of them."""

@@ -2,8 +2,8 @@
 
 `train` builds a fresh detector (seeded) and trains it on the labeled pool images with the configured
 schedule; `pool` runs one `extract` pass over the unlabeled and the labeled pool images; `proxy` is
-`magral_core.proxy.make_proxy` on a validation part carved from the labeled images, with the candidate batch
-unlabeled. Only `evaluate` reads the test split. Heavy modules are imported on first use.
+`magral_core.method.proxy.make_proxy` on a validation part carved from the labeled images, with the candidate
+batch unlabeled. Only `evaluate` reads the test split. Heavy modules are imported on first use.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from magral_core.config import Config
+from magral_core.method.strategies import Pool
 from magral_core.simulation.protocol import Metrics, ProxyFn
-from magral_core.strategies import Pool
 from magral_core.structures import DetectionDataset
 
 
@@ -31,8 +31,8 @@ class DetectorLearner:
         return len(self.pool_data)
 
     def train(self, labeled: np.ndarray, *, seed: int) -> Any:
-        from magral_core.detectors import build_detector
-        from magral_core.engine import train_detector
+        from magral_core.vision.detectors import build_detector
+        from magral_core.vision.engine import train_detector
 
         model = build_detector(self.config.detector, num_classes=self.pool_data.num_classes,
                                image_size=self.config.image_size, weights_dir=self.config.weights_dir,
@@ -43,15 +43,15 @@ class DetectorLearner:
         return model
 
     def evaluate(self, state: Any) -> Metrics:
-        from magral_core.engine import predict
-        from magral_core.evaluation import evaluate_coco
+        from magral_core.vision.engine import predict
+        from magral_core.vision.evaluation import evaluate_coco
 
         result = evaluate_coco(self._test, predict(state, self._test,
                                                    score_threshold=self.config.score_threshold))
         return Metrics(result.map, result.ap50, dict(result.per_class_ap))
 
     def pool(self, state: Any, unlabeled: np.ndarray, labeled: np.ndarray) -> Pool:
-        from magral_core.engine import extract
+        from magral_core.vision.engine import extract
 
         detections, embeddings = extract(state, self.pool_data.subset(np.asarray(unlabeled).tolist()),
                                          score_threshold=self.config.score_threshold)
@@ -59,7 +59,7 @@ class DetectorLearner:
         return Pool(embeddings, tuple(detections), labeled_embeddings)
 
     def proxy(self, state: Any, labeled: np.ndarray, unlabeled: np.ndarray) -> ProxyFn | None:
-        from magral_core.proxy import ProxySettings, make_proxy
+        from magral_core.method.proxy import ProxySettings, make_proxy
 
         settings = ProxySettings(score_threshold=self.config.score_threshold)
         return make_proxy(state, self.pool_data, labeled, unlabeled, settings, seed=self.config.seed)

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from magral_core.atomic import write_text_atomic
-from magral_core.strategies import MagralSettings, Pool, Strategy, fit_magral, make_strategy
+from magral_core.method.strategies import MagralSettings, Pool, Strategy, fit_magral, make_strategy
 
 
 @dataclass(frozen=True)

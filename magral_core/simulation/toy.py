@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from magral_core.method.strategies import Pool
 from magral_core.simulation.protocol import Metrics, ProxyFn
-from magral_core.strategies import Pool
 from magral_core.structures import Detections
 
 

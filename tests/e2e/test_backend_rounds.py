@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from magral_core.boxes import coco_xywh_to_xyxy, xyxy_to_labelstudio_percent
-from magral_core.store import ModelStore, version_number
+from magral_core.service.store import ModelStore, version_number
 
 from .conftest import (
     BCCD_CLASSES,

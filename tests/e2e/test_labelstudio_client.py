@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from magral_core.images import read_image_rgb
-from magral_core.labelstudio import (
+from magral_core.datasets.images import read_image_rgb
+from magral_core.studio import (
     ImageFetchError,
     LabelStudioClient,
     LabelStudioError,

@@ -1,0 +1,145 @@
+"""The real bindings of a round's steps (see `steps.RoundSteps`): the configured detector, COCO evaluation,
+checkpoints, and every registered strategy as a `RoundStrategy` (heuristics rank; MAGRAL adds its
+look-up-table records, `service.magral_round`). Heavy libraries (torch, torchvision) are imported when a step
+runs, not when this module is imported.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from magral_core.config import Config
+from magral_core.service import staging as files
+from magral_core.service.magral_round import MagralRound
+from magral_core.service.steps import PoolArrays, Progress, RoundSteps, RoundStrategy
+from magral_core.structures import DetectionDataset, Detections
+
+log = logging.getLogger(__name__)
+
+
+def default_steps() -> RoundSteps:
+    """Steps bound to the project's detector, evaluation and strategies (imported when called)."""
+    return RoundSteps(
+        train=train_detector_step,
+        extract=extract_step,
+        evaluate=evaluate_step,
+        save_model=save_model_step,
+        load_model=load_model_step,
+        strategy=round_strategy,
+    )
+
+
+def train_detector_step(
+    dataset: DetectionDataset, previous_dir: Path | None, config: Config, progress: Progress
+) -> Any:
+    """Build the configured detector, warm-start it from the previous version, train it on `dataset`."""
+    from magral_core.vision.detectors import build_detector
+    from magral_core.vision.engine import train_detector
+
+    model = build_detector(
+        config.detector,
+        num_classes=dataset.num_classes,
+        image_size=config.image_size,
+        weights_dir=config.weights_dir,
+        pretrained=True,
+        seed=config.seed,
+    )
+    if previous_dir is not None and (previous_dir / files.DETECTOR_FILE).is_file():
+        warm_start(model, load_model_step(previous_dir / files.DETECTOR_FILE))
+    progress("training", 0.0)
+    train_detector(
+        model,
+        dataset,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        seed=config.seed,
+        device=config.device,
+        on_epoch=lambda epoch, _loss: progress("training", epoch / config.epochs),
+    )
+    return model.to("cpu")
+
+
+def warm_start(model: Any, previous: Any) -> int:
+    """Copy every parameter of `previous` whose name and shape match into `model`; returns how many.
+
+    Class-dependent head layers change shape when labels were added, so they keep their fresh
+    initialisation while everything else continues from the previous round.
+    """
+    import torch
+
+    target = model.state_dict()
+    source = {k: v for k, v in previous.state_dict().items() if k in target and v.shape == target[k].shape}
+    with torch.no_grad():
+        model.load_state_dict(source, strict=False)
+    log.info("warm start: %d of %d tensors taken from the previous version", len(source), len(target))
+    return len(source)
+
+
+def extract_step(
+    model: Any, dataset: DetectionDataset, config: Config
+) -> tuple[list[Detections], np.ndarray]:
+    from magral_core.vision.engine import extract
+
+    return extract(model, dataset, batch_size=config.batch_size, score_threshold=config.score_threshold)
+
+
+def evaluate_step(dataset: DetectionDataset, detections: list[Detections]) -> Mapping[str, Any]:
+    from magral_core.vision.evaluation import evaluate_coco
+
+    return evaluate_coco(dataset, detections).as_dict()
+
+
+def save_model_step(model: Any, path: Path, meta: Mapping[str, Any]) -> None:
+    from magral_core.vision.checkpoint import save_checkpoint
+
+    save_checkpoint(path, model, meta=dict(meta))
+
+
+def load_model_step(path: Path) -> Any:
+    from magral_core.vision.checkpoint import load_checkpoint
+
+    model, _meta = load_checkpoint(path)
+    return model
+
+
+class HeuristicRound:
+    """A strategy that ranks from the pool's features alone (no records, nothing to prepare)."""
+
+    def __init__(self, name: str, config: Config) -> None:
+        self.name = name
+        self.config = config
+
+    def records(self, pool_size: int) -> int:
+        return 0
+
+    def prepare(self, staging: Path) -> None:
+        return None
+
+    def record(self, staging: Path, index: int) -> Mapping[str, Any]:
+        raise ValueError(f"strategy {self.name!r} computes no records (asked for record {index})")
+
+    def propose(self, staging: Path, records: Sequence[Mapping[str, Any]]) -> int:
+        return 0
+
+    def rank(
+        self, pool: PoolArrays, records: Sequence[Mapping[str, Any]], staging: Path
+    ) -> tuple[list[int], list[float]]:
+        from magral_core.method.strategies import Pool, make_strategy
+
+        chosen = Pool(pool["embeddings"], tuple(pool["detections"]), pool["labeled_embeddings"])
+        picks = make_strategy(self.name).rank(chosen, min(self.config.budget, len(chosen)),
+                                              np.random.default_rng(self.config.seed))
+        return [p.index for p in picks], [p.priority for p in picks]
+
+
+def round_strategy(name: str, config: Config) -> RoundStrategy:
+    """The registered strategy `name` as a round uses it."""
+    if name == "magral":
+        return MagralRound(config)
+    return HeuristicRound(name, config)

@@ -1,0 +1,220 @@
+"""The rq jobs: importable module-level functions that take ids (project, staging directory of the round,
+record index, task ids), never objects and never configuration; each reads its worker's context
+(`service.context`) and enqueues what follows through `service.queue`.
+
+Jobs let exceptions propagate (rq records the failure) after writing the error into the store, where
+`/status` reads it. Progress goes into `job.meta["progress"]` = {"stage", "fraction", "version"}.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from rq import get_current_job
+from rq.job import Job
+
+from magral_core.config import Config
+from magral_core.service import context, stages, staging
+from magral_core.service.context import WorkerContext
+from magral_core.service.predict import TaskRef, predict_tasks
+from magral_core.service.queue import RoundQueue, Stage, stage_job_id
+from magral_core.service.steps import Progress
+from magral_core.service.tasks import latest_annotation
+
+log = logging.getLogger(__name__)
+
+
+def _coordinator(job: Job, config: Config) -> RoundQueue:
+    return RoundQueue(job.connection, queue_name=job.origin, round_timeout=config.round_timeout)
+
+
+def _reporter(job: Job | None, version: str) -> Progress:
+    def report(stage: str, fraction: float) -> None:
+        if job is None:
+            return
+        job.meta["progress"] = {"stage": stage, "fraction": round(float(fraction), 3), "version": version}
+        job.save_meta()
+
+    return report
+
+
+def _current_job() -> Job:
+    job = get_current_job()
+    if job is None:
+        raise RuntimeError("this function runs as an rq job (no current job found)")
+    return job
+
+
+def _fail(
+    project: int, exc: BaseException, *, ctx: WorkerContext, staging_dir: Path | None, job: Job
+) -> None:
+    """Record a failed round where /status reads it, drop its staging directory, let the next round start."""
+    store = ctx.store
+    store.record_error(project, f"{type(exc).__name__}: {exc}", stage="round")
+    if staging_dir is not None:
+        store.discard(staging_dir)
+    log.error("project=%s round failed: %s: %s", project, type(exc).__name__, exc)
+    _coordinator(job, ctx.config).end_round(project, min_new=ctx.config.min_new_annotations)
+
+
+def _round_context(staging_dir: str, job: Job | None) -> tuple[WorkerContext, stages.RoundContext]:
+    ctx = context.current()
+    version = _version_of(staging_dir)
+    return ctx, stages.RoundContext(ctx.config, ctx.steps_factory(), _reporter(job, version))
+
+
+# --- the round ---
+def start_round(project: int) -> str:
+    """The queued job `round-<p>`: mark the round active (consuming the events it covers), reserve its
+    version and hand the work to `prepare_round` (a separate job, so that a follow-up can be queued under
+    `round-<p>` again while the round runs). Returns the version being built."""
+    job = _current_job()
+    ctx = context.current()
+    store = ctx.store
+    coordinator = _coordinator(job, ctx.config)
+    version = store.reserve_version(project)
+    state = coordinator.begin_round(project, job_id=job.id, version=version)
+    log.info(
+        "project=%s version=%s round started new_annotations=%d forced=%s",
+        project,
+        version,
+        state.new_annotations,
+        state.forced,
+    )
+    staging_dir: Path | None = None
+    try:
+        staging_dir = store.begin(project, version)
+        coordinator.enqueue_stage(project, Stage.PREPARE, str(staging_dir))
+        coordinator.touch(project, job_id=stage_job_id(project, Stage.PREPARE), version=version)
+        return version
+    except Exception as exc:
+        _fail(project, exc, ctx=ctx, staging_dir=staging_dir, job=job)
+        raise
+
+
+def prepare_round(project: int, staging_dir: str) -> str:
+    """Train and score (see `stages.prepare`), then fan out the look-up-table record jobs and the fan-in
+    job that depends on them. Returns the version being built."""
+    job = _current_job()
+    ctx, round_ctx = _round_context(staging_dir, job)
+    try:
+        plan = stages.prepare(project, _version_of(staging_dir), Path(staging_dir), ctx.client(project),
+                              ctx.store, round_ctx)
+        then = Stage.PROPOSE if plan.lut_records else Stage.FINISH
+        _fan_out(job, ctx.config, project, staging_dir, range(plan.lut_records), then)
+        return plan.version
+    except Exception as exc:
+        _fail(project, exc, ctx=ctx, staging_dir=Path(staging_dir), job=job)
+        raise
+
+
+def propose_round(project: int, staging_dir: str) -> str:
+    """Fan-in job of the first records: the strategy's `propose` (see `stages.propose`), then fan out the
+    records it asks for and the fan-in `finish_round` job that depends on them. Returns the version."""
+    job = _current_job()
+    ctx, round_ctx = _round_context(staging_dir, job)
+    try:
+        round_ctx.progress("policy", 0.0)
+        more = stages.propose(Path(staging_dir), round_ctx)
+        _fan_out(job, ctx.config, project, staging_dir, more, Stage.FINISH)
+        return _version_of(staging_dir)
+    except Exception as exc:
+        _fail(project, exc, ctx=ctx, staging_dir=Path(staging_dir), job=job)
+        raise
+
+
+def _fan_out(job: Job, config: Config, project: int, staging_dir: str, indices: Sequence[int],
+             then: Stage) -> None:
+    """One `lut_record` job per index, and stage `then` once they have all ended."""
+    coordinator = _coordinator(job, config)
+    records = coordinator.enqueue_records(project, staging_dir, indices)
+    version = _version_of(staging_dir)
+    # what /status shows while the record jobs run
+    progress = {"stage": "lookup_table", "fraction": 0.0, "version": version, "records": len(records)}
+    meta = {"progress": progress}
+    coordinator.enqueue_stage(project, then, staging_dir, depends_on=records, meta=meta)
+    coordinator.touch(project, job_id=stage_job_id(project, then), version=version)
+
+
+def lut_record(project: int, staging_dir: str, index: int) -> str:
+    """One look-up-table record of a round (independent of the others). Returns the record's path."""
+    _ctx, round_ctx = _round_context(staging_dir, get_current_job())
+    round_ctx.progress("lookup_table", 0.0)
+    return str(stages.lut_record(Path(staging_dir), index, round_ctx))
+
+
+def finish_round(project: int, staging_dir: str) -> str:
+    """Fan-in job: rank, push predictions, publish (see `stages.finish`). Returns the published version."""
+    job = _current_job()
+    ctx, round_ctx = _round_context(staging_dir, job)
+    try:
+        version = stages.finish(Path(staging_dir), ctx.client(project), ctx.store, round_ctx)
+    except Exception as exc:
+        _fail(project, exc, ctx=ctx, staging_dir=Path(staging_dir), job=job)
+        raise
+    _coordinator(job, ctx.config).end_round(project, min_new=ctx.config.min_new_annotations)
+    return version
+
+
+def _version_of(staging_dir: str) -> str:
+    """The version a staging directory builds (`<version>.<random>`, see `ModelStore.begin`)."""
+    return Path(staging_dir).name.split(".", 1)[0]
+
+
+# --- other jobs ---
+def score_tasks(project: int, task_ids: Sequence[int]) -> int:
+    """Pre-annotate newly created tasks with the served version. They are not part of that version's ranking
+    yet, so they get score 1.0 (served after the ranked tasks) until the next round ranks them. Tasks whose
+    image cannot be fetched are skipped with a log line. Returns the number of predictions created."""
+    from magral_core.studio.label_config import parse_label_config
+    from magral_core.studio.results import task_prediction
+
+    ctx = context.current()
+    config, store = ctx.config, ctx.store
+    version = store.current_version(project)
+    if version is None:
+        log.info("project=%s no version yet: %d new tasks wait for the first round", project, len(task_ids))
+        return 0
+    client, steps = ctx.client(project), ctx.steps_factory()
+    version_dir = store.version_dir(project, version)
+    wanted = {int(t) for t in task_ids} - set(staging.load_predictions(version_dir))
+    label_config = parse_label_config(str(client.get_project(project).get("label_config", "")))
+    class_names = tuple(store.load_metrics(project, version)["class_names"])
+    refs = [
+        TaskRef(int(task.id), str(task.image))
+        for task in client.list_tasks(project, image_key=label_config.image_key)
+        if int(task.id) in wanted and latest_annotation(task) is None
+    ]
+    results = predict_tasks(
+        project, refs, client=client, model=lambda: steps.load_model(version_dir / staging.DETECTOR_FILE),
+        steps=steps, class_names=class_names, label_config=label_config, config=config,
+    )
+    predictions = [
+        task_prediction(ref.task, result, 1.0, version)
+        for ref, result in zip(refs, results, strict=True)
+        if result is not None
+    ]
+    if not predictions:
+        return 0
+    created = int(client.import_predictions(project, predictions))
+    log.info("project=%s version=%s scored new tasks=%d", project, version, created)
+    return created
+
+
+def secure_webhook(project: int, backend_url: str) -> int:
+    """Add the backend's basic-auth header to the project's webhooks that point at `backend_url` (Label Studio
+    sends none on its auto-created webhook). Returns how many webhooks were changed."""
+    import base64
+
+    ctx = context.current()
+    config = ctx.config
+    client = ctx.client(project)
+    token = base64.b64encode(f"{config.basic_auth_user}:{config.basic_auth_pass}".encode()).decode()
+    changed = int(client.add_webhook_header(project, backend_url, {"Authorization": f"Basic {token}"}))
+    job = get_current_job()
+    if job is not None and changed:
+        _coordinator(job, config).webhook_auth_done(project)
+    log.info("project=%s basic auth added to %d webhook(s) of %s", project, changed, backend_url)
+    return changed

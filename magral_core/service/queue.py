@@ -1,0 +1,321 @@
+"""Turning Label Studio events into rq jobs: at most one queued and one running round per project.
+
+A round is a chain of rq jobs (`jobs.start_round` → `jobs.prepare_round` → look-up-table records →
+`jobs.propose_round` → near-policy records → `jobs.finish_round`; the later ones are queued at the front
+so a started round finishes first). This module is the one place that enqueues: every job's dotted path,
+id, timeout and result TTL is here (`enqueue_stage`, `enqueue_records`, `enqueue_scoring`,
+`enqueue_webhook_auth`). Per project, Redis holds (keys under `<prefix>:<project>:`):
+
+- `new`: annotations created/updated/deleted since the running (or last) round began (an integer);
+- `forced`: a START_TRAINING arrived since then (runs whatever `new` says);
+- `active`: set while a round chain runs (JSON: the chain's current job id and version); it expires after
+  the round timeout and is cleared as soon as that job is seen failed or stopped without the round ending
+  (a killed worker), so a dead round cannot block its project.
+
+The rules, applied under a short per-project Redis lock:
+
+- an event while no round is active enqueues `round-<project>` when `new >= min_new_annotations` or it is
+  forced; while that job waits in the queue, further events only count (a burst gives ONE queued round);
+- an event while a round runs only counts; when the round ends (`end_round`, success or failure), ONE
+  follow-up is enqueued if the counted events qualify, and later events coalesce into it.
+
+Job arguments are ids only (they travel through Redis: no configuration, no secret); the worker reads its
+configuration from its own environment (see `magral_core.service.jobs`).
+
+Deterministic job ids (rq allows letters, digits, "_" and "-" only): `round-<p>` (first step),
+`round-<p>-prepare`, `round-<p>-lut-<i>`, `round-<p>-finish`, `webhook-auth-<p>`.
+
+Kept as one module because it is the one owner of every enqueue and of the per-project round state in Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from redis import Redis
+from rq import Queue
+from rq.exceptions import NoSuchJobError
+from rq.job import Dependency, Job, JobStatus
+
+log = logging.getLogger(__name__)
+
+QUEUE_NAME = "magral"
+KEY_PREFIX = "magral"
+PENDING = (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.CREATED)
+ENDED = (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)
+JOBS = "magral_core.service.jobs"
+ROUND_RESULT_TTL = 24 * 3600  # seconds a finished stage's result is kept (what /status shows)
+RECORD_RESULT_TTL = 3600
+
+
+class Stage(StrEnum):
+    """The stages of a round after `start_round`, each one rq job (`jobs.<stage>_round`)."""
+
+    PREPARE = "prepare"
+    PROPOSE = "propose"
+    FINISH = "finish"
+
+
+class Decision(StrEnum):
+    """What an event did to the project's queue."""
+
+    ENQUEUED = "enqueued"
+    """A round was put in the queue."""
+    COALESCED = "coalesced"
+    """A round is already queued (or just starting) and will see this event."""
+    DEFERRED = "deferred"
+    """A round is running; a single follow-up round runs after it if the events qualify."""
+    WAITING = "waiting"
+    """Too few new annotations for an automatic round."""
+
+
+@dataclass(frozen=True)
+class RoundState:
+    """What `begin_round` consumed: the events the starting round covers."""
+
+    new_annotations: int
+    forced: bool
+
+
+def round_job_id(project: int) -> str:
+    return f"round-{project}"
+
+
+def stage_job_id(project: int, stage: Stage) -> str:
+    return f"round-{project}-{Stage(stage).value}"
+
+
+def lut_job_id(project: int, index: int) -> str:
+    return f"round-{project}-lut-{index}"
+
+
+class RoundQueue:
+    """Coordinates rounds of many projects over one Redis connection and one rq queue."""
+
+    def __init__(
+        self,
+        connection: Redis,
+        *,
+        queue_name: str = QUEUE_NAME,
+        prefix: str = KEY_PREFIX,
+        round_timeout: int = 6 * 3600,
+    ) -> None:
+        self.connection = connection
+        self.queue = Queue(queue_name, connection=connection)
+        self.prefix = prefix
+        self.round_timeout = int(round_timeout)
+
+    # --- keys ----------------------------------------------------------------------------------------------
+    def _key(self, project: int, name: str) -> str:
+        return f"{self.prefix}:{int(project)}:{name}"
+
+    def _lock(self, project: int) -> Any:
+        return self.connection.lock(self._key(project, "lock"), timeout=30, blocking_timeout=30)
+
+    # --- events --------------------------------------------------------------------------------------------
+    def annotations_changed(self, project: int, count: int, *, min_new: int) -> Decision:
+        """Count `count` changed annotations and enqueue a round if they reach `min_new`."""
+        with self._lock(project):
+            self.connection.incrby(self._key(project, "new"), max(0, int(count)))
+            return self._enqueue_if_due(project, min_new)
+
+    def start_training(self, project: int) -> Decision:
+        """START_TRAINING: a round always runs (now, or right after the running one)."""
+        with self._lock(project):
+            self.connection.set(self._key(project, "forced"), 1)
+            return self._enqueue_if_due(project, min_new=0)
+
+    def _enqueue_if_due(self, project: int, min_new: int) -> Decision:
+        if self._round_active(project):
+            return Decision.DEFERRED
+        job = self._fetch(round_job_id(project))
+        if job is not None:
+            status = job.get_status(refresh=True)
+            if status in PENDING:
+                return Decision.COALESCED
+            if status == JobStatus.STARTED:
+                # picked up by a worker, not yet in begin_round: that round will consume these counts.
+                return Decision.COALESCED
+        new = int(self.connection.get(self._key(project, "new")) or 0)
+        forced = bool(self.connection.exists(self._key(project, "forced")))
+        if not forced and new < max(1, int(min_new)):
+            return Decision.WAITING
+        if job is not None:
+            job.delete(remove_from_queue=True)
+        self.queue.enqueue_call(
+            f"{JOBS}.start_round",
+            args=(int(project),),
+            job_id=round_job_id(project),
+            timeout=self.round_timeout,
+            result_ttl=ROUND_RESULT_TTL,
+            description=f"round of project {project}",
+        )
+        log.info("project=%s round enqueued new_annotations=%s forced=%s", project, new, forced)
+        return Decision.ENQUEUED
+
+    # --- the round's later jobs -----------------------------------------------------------------------------
+    def enqueue_stage(
+        self,
+        project: int,
+        stage: Stage,
+        staging: str,
+        *,
+        depends_on: Sequence[Job] = (),
+        meta: dict[str, Any] | None = None,
+    ) -> Job:
+        """Queue stage `stage` of the round building `staging` (at the front: a started round finishes
+        first); after every job of `depends_on` has ended, failed ones included (a missing record is computed
+        by the fan-in). A finished job of an earlier round holding the same id is removed first."""
+        job_id = stage_job_id(project, stage)
+        self._drop_stale(job_id)
+        return self.queue.enqueue_call(
+            f"{JOBS}.{Stage(stage).value}_round",
+            args=(int(project), str(staging)),
+            job_id=job_id,
+            timeout=self.round_timeout,
+            result_ttl=ROUND_RESULT_TTL,
+            depends_on=(
+                Dependency(jobs=list(depends_on), allow_failure=True, enqueue_at_front=True)
+                if depends_on else None
+            ),
+            at_front=True,
+            meta=meta,
+        )
+
+    def enqueue_records(self, project: int, staging: str, indices: Sequence[int]) -> list[Job]:
+        """Queue one look-up-table record job per index of the round building `staging`."""
+        jobs = []
+        for index in indices:
+            self._drop_stale(lut_job_id(project, index))
+            jobs.append(
+                self.queue.enqueue_call(
+                    f"{JOBS}.lut_record",
+                    args=(int(project), str(staging), int(index)),
+                    job_id=lut_job_id(project, index),
+                    timeout=self.round_timeout,
+                    result_ttl=RECORD_RESULT_TTL,
+                    at_front=True,
+                )
+            )
+        return jobs
+
+    def _drop_stale(self, job_id: str) -> None:
+        """Remove a job of an earlier round that holds the id this round needs."""
+        job = self._fetch(job_id)
+        if job is not None:
+            job.delete()
+
+    # --- called by the round's jobs ------------------------------------------------------------------------
+    def begin_round(self, project: int, *, job_id: str, version: str) -> RoundState:
+        """Mark the project's round active and consume the event counts it covers."""
+        with self._lock(project):
+            pipe = self.connection.pipeline()
+            pipe.getdel(self._key(project, "new"))
+            pipe.getdel(self._key(project, "forced"))
+            pipe.set(self._key(project, "active"), self._active_value(job_id, version), ex=self.round_timeout)
+            new, forced, _ = pipe.execute()
+        return RoundState(int(new or 0), bool(forced))
+
+    def touch(self, project: int, *, job_id: str, version: str) -> None:
+        """The round moved on to job `job_id` (progress is read from that job's meta)."""
+        self.connection.set(
+            self._key(project, "active"), self._active_value(job_id, version), ex=self.round_timeout
+        )
+
+    def end_round(self, project: int, *, min_new: int) -> Decision:
+        """The round is over (published or failed): clear `active`, enqueue the follow-up if one is due."""
+        with self._lock(project):
+            self.connection.delete(self._key(project, "active"))
+            return self._enqueue_if_due(project, min_new)
+
+    def _round_active(self, project: int) -> bool:
+        """Whether a round runs; an `active` mark whose job has gone or ended without `end_round` (its worker
+        was killed) is cleared here instead of blocking the project until the mark expires."""
+        raw = self.connection.get(self._key(project, "active"))
+        if not raw:
+            return False
+        job = self._fetch(str(json.loads(raw).get("job_id", "")))
+        if job is not None and job.get_status(refresh=True) not in ENDED:
+            return True
+        log.warning(
+            "project=%s round job %s ended without finishing the round: project freed",
+            project,
+            json.loads(raw).get("job_id"),
+        )
+        self.connection.delete(self._key(project, "active"))
+        return False
+
+    def _active_value(self, job_id: str, version: str) -> str:
+        return json.dumps({"job_id": job_id, "version": version, "since": time.time()})
+
+    # --- scoring -------------------------------------------------------------------------------------------
+    def enqueue_scoring(self, project: int, task_ids: Sequence[int]) -> Job:
+        """Score newly created tasks with the current version."""
+        ids = [int(t) for t in task_ids]
+        return self.queue.enqueue_call(
+            f"{JOBS}.score_tasks",
+            args=(int(project), ids),
+            timeout=self.round_timeout,
+            result_ttl=RECORD_RESULT_TTL,
+            description=f"score {len(ids)} new tasks of project {project}",
+        )
+
+    # --- basic auth on the project webhook -----------------------------------------------------------------
+    def enqueue_webhook_auth(self, project: int, backend_url: str) -> bool:
+        """Once per project: a job adding the basic-auth header to the project's webhook in Label Studio.
+        Returns whether a job was enqueued (not when done before or already waiting)."""
+        if self.connection.exists(self._key(project, "webhook_auth")):
+            return False
+        job_id = f"webhook-auth-{int(project)}"
+        job = self._fetch(job_id)
+        if job is not None and job.get_status(refresh=True) in (*PENDING, JobStatus.STARTED):
+            return False
+        if job is not None:
+            job.delete()
+        self.queue.enqueue_call(
+            f"{JOBS}.secure_webhook",
+            args=(int(project), backend_url),
+            job_id=job_id,
+            timeout=300,
+            result_ttl=3600,
+        )
+        return True
+
+    def webhook_auth_done(self, project: int) -> None:
+        self.connection.set(self._key(project, "webhook_auth"), 1)
+
+    # --- reading -------------------------------------------------------------------------------------------
+    def pending_annotations(self, project: int) -> int:
+        return int(self.connection.get(self._key(project, "new")) or 0)
+
+    def running(self, project: int) -> dict[str, Any] | None:
+        """The active round: job id, version, its rq status and the progress its job wrote into meta."""
+        raw = self.connection.get(self._key(project, "active"))
+        if not raw:
+            job = self._fetch(round_job_id(project))
+            if job is None or job.get_status(refresh=True) not in (*PENDING, JobStatus.STARTED):
+                return None
+            return {"job_id": job.id, "status": str(job.get_status().value), "progress": job.meta or {}}
+        active = json.loads(raw)
+        job = self._fetch(str(active.get("job_id", "")))
+        info: dict[str, Any] = {
+            "job_id": active.get("job_id"),
+            "version": active.get("version"),
+            "since": active.get("since"),
+        }
+        if job is not None:
+            info["status"] = str(job.get_status(refresh=True).value)
+            info["progress"] = job.meta or {}
+        return info
+
+    def _fetch(self, job_id: str) -> Job | None:
+        try:
+            return Job.fetch(job_id, connection=self.connection)
+        except NoSuchJobError:
+            return None

@@ -1,0 +1,235 @@
+"""A round end to end at toy size: the fake Label Studio in process and toy steps with known answers (the real
+bindings are tested in test_service_bindings)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from service_fixtures import (
+    LABEL_CONFIG,
+    FakeAnnotation,
+    FakeTask,
+    ToyStrategy,
+    box,
+    studio_with,
+    toy_config,
+    toy_load,
+    toy_steps,
+)
+
+from magral_core.errors import StoreError, UserError
+from magral_core.service import stages, tasks
+from magral_core.service import staging as files
+from magral_core.service.store import ModelStore
+from magral_core.structures import Detections
+from magral_core.studio.label_config import parse_label_config
+
+
+# --- tests ----------------------------------------------------------------------------------------------
+def test_round_end_to_end_publishes_and_pushes_ranked_predictions(tmp_path: Path) -> None:
+    studio = studio_with(tmp_path, labeled=[1, 2, 3], unlabeled=[4, 5, 6])
+    studio.add_task(
+        7, [FakeAnnotation(200, (box(1, 1, 5, 5, "RBC"),), was_cancelled=True)]
+    )  # still unlabeled
+    store = ModelStore(tmp_path / "store")
+    seen: list[str] = []
+    version = stages.run_round(
+        1,
+        client=studio,
+        store=store,
+        config=toy_config(tmp_path),
+        steps=toy_steps(),
+        progress=lambda stage, fraction: seen.append(stage),
+    )
+    assert version == "magral-1-v0001"
+    assert store.current_version(1) == version
+    assert studio.served == [(1, version)]
+    scores = {p["task"]: p["score"] for p in studio.imported}
+    assert scores == {7: 0.0, 6: 1 / 3, 5: 2 / 3, 4: 1.0}  # highest task id ranked best → lowest score
+    assert {p["model_version"] for p in studio.imported} == {version}
+    item = studio.imported[0]["result"][0]
+    # toy box (10, 10, 30, 40) px in a 64x48 image → percent
+    assert item["value"]["x"] == pytest.approx(15.625) and item["value"]["height"] == pytest.approx(62.5)
+    assert item["from_name"] == "label" and item["to_name"] == "image"
+    assert item["value"]["rectanglelabels"] == ["RBC"]
+    ranking = store.load_ranking(1, version)
+    assert ranking.task_ids == (7, 6, 5, 4) and ranking.scores[0] == 0.0
+    metrics = store.load_metrics(1, version)
+    assert metrics["n_labeled"] == 3 and metrics["n_unlabeled"] == 4
+    assert metrics["class_names"] == ["RBC", "WBC"] and metrics["strategy"] == "entropy_max"
+    assert "training" in seen and "pushing" in seen
+    assert not list((store.project_dir(1) / "staging").iterdir())
+
+
+def test_second_round_warm_starts_and_grows_the_class_list(tmp_path: Path) -> None:
+    studio = studio_with(tmp_path, labeled=[1, 2], unlabeled=[3])
+    store = ModelStore(tmp_path / "store")
+    config = toy_config(tmp_path)
+    first = stages.run_round(1, client=studio, store=store, config=config, steps=toy_steps())
+    studio.label_config = LABEL_CONFIG.replace(
+        '<Label value="WBC"/>', '<Label value="Platelets"/><Label value="WBC"/>'
+    )
+    second = stages.run_round(1, client=studio, store=store, config=config, steps=toy_steps())
+    assert (first, second) == ("magral-1-v0001", "magral-1-v0002")
+    assert store.list_versions(1) == [first, second] and store.current_version(1) == second
+    assert store.load_metrics(1, second)["class_names"] == ["RBC", "WBC", "Platelets"]
+    model = toy_load(store.version_dir(1, second) / files.DETECTOR_FILE)
+    assert model["warm"] is True and model["class_names"] == ["RBC", "WBC", "Platelets"]
+
+
+def test_failed_round_keeps_the_served_version_and_records_the_error(tmp_path: Path) -> None:
+    studio = studio_with(tmp_path, labeled=[1], unlabeled=[2])
+    store = ModelStore(tmp_path / "store")
+    config = toy_config(tmp_path)
+    first = stages.run_round(1, client=studio, store=store, config=config, steps=toy_steps())
+    studio.fail_import = True
+    with pytest.raises(RuntimeError, match="import failed"):
+        stages.run_round(1, client=studio, store=store, config=config, steps=toy_steps())
+    assert store.current_version(1) == first and store.list_versions(1) == [first]
+    error = store.last_error(1)
+    assert error is not None and "import failed" in error["message"]
+    assert not list((store.project_dir(1) / "staging").iterdir())
+
+
+def test_round_without_annotations_or_box_control_is_a_user_error(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "store")
+    studio = studio_with(tmp_path, labeled=[], unlabeled=[1, 2])
+    with pytest.raises(UserError, match="at least one annotated task"):
+        stages.run_round(1, client=studio, store=store, config=toy_config(tmp_path), steps=toy_steps())
+    studio = studio_with(tmp_path, labeled=[1], unlabeled=[2])
+    studio.label_config = (
+        '<View><Image name="i" value="$image"/>'
+        '<Choices name="c" toName="i"><Choice value="a"/></Choices></View>'
+    )
+    with pytest.raises(UserError, match="RectangleLabels"):
+        stages.run_round(1, client=studio, store=store, config=toy_config(tmp_path), steps=toy_steps())
+    assert store.current_version(1) is None
+
+
+def test_missing_images_are_skipped_and_counted(tmp_path: Path) -> None:
+    studio = studio_with(tmp_path, labeled=[1, 2], unlabeled=[3, 4])
+    (studio.root / "img4.png").unlink()
+    store = ModelStore(tmp_path / "store")
+    version = stages.run_round(1, client=studio, store=store, config=toy_config(tmp_path), steps=toy_steps())
+    assert [p["task"] for p in studio.imported] == [3]
+    assert store.load_metrics(1, version)["skipped"]["image_errors"] == 1
+
+
+def test_annotated_image_converts_percent_boxes_and_drops_unknown_labels(tmp_path: Path) -> None:
+    config = parse_label_config(LABEL_CONFIG)
+    result = [box(10, 20, 50, 25, "WBC"), box(0, 0, 10, 10, "Ghost"), box(90, 90, 20, 20, "RBC")]
+    image, dropped = tasks.annotated_image(
+        5, tmp_path / "x.png", (200, 100), result, config, ("RBC", "WBC"), "train", project=1
+    )
+    # (10 %, 20 %, 50 %, 25 %) of 200x100 → (20, 20, 120, 45); the last box is clipped to the image
+    np.testing.assert_allclose(image.boxes_xyxy, [[20, 20, 120, 45], [180, 90, 200, 100]])
+    assert image.labels.tolist() == [1, 0] and dropped == 1
+
+
+def test_empty_annotation_is_a_labeled_image_without_boxes(tmp_path: Path) -> None:
+    config = parse_label_config(LABEL_CONFIG)
+    image, dropped = tasks.annotated_image(
+        5, tmp_path / "x.png", (64, 48), [], config, ("RBC",), "train", project=1
+    )
+    assert image.num_boxes == 0 and dropped == 0
+
+
+def test_map_is_measured_on_held_out_labeled_tasks_once_there_are_enough(tmp_path: Path) -> None:
+    studio = studio_with(tmp_path, labeled=range(1, 13), unlabeled=[20])
+    store = ModelStore(tmp_path / "store")
+    version = stages.run_round(1, client=studio, store=store, config=toy_config(tmp_path), steps=toy_steps())
+    metrics = store.load_metrics(1, version)
+    held_out = [t for t in range(1, 13) if tasks.is_validation(1, t)]
+    assert held_out and metrics["n_validation"] == len(held_out)
+    assert metrics["map"] == 0.5 and metrics["ap50"] == 0.75
+    model = toy_load(store.version_dir(1, version) / files.DETECTOR_FILE)
+    assert model["n_train"] == 12 - len(held_out)  # validation tasks are not trained on
+
+
+def test_json_safe_replaces_non_finite_numbers() -> None:
+    metrics = {"map": float("nan"), "ap50": 0.5, "per_class_ap": {"RBC": float("inf"), "WBC": 0.25}}
+    assert stages.json_safe(metrics) == {"map": None, "ap50": 0.5, "per_class_ap": {"RBC": None, "WBC": 0.25}}
+
+
+def test_validation_choice_is_stable_and_about_one_in_five() -> None:
+    chosen = [tasks.is_validation(3, t) for t in range(1000)]
+    assert 150 < sum(chosen) < 250
+    assert chosen == [tasks.is_validation(3, t) for t in range(1000)]
+
+
+def test_latest_annotation_ignores_cancelled_ones() -> None:
+    old = FakeAnnotation(1, (), updated_at="2026-01-01T00:00:00Z")
+    new = FakeAnnotation(2, (), updated_at="2026-02-01T00:00:00Z")
+    skipped = FakeAnnotation(3, (), was_cancelled=True, updated_at="2026-03-01T00:00:00Z")
+    assert tasks.latest_annotation(FakeTask(1, "x", (old, skipped, new))) is new
+    assert tasks.latest_annotation(FakeTask(1, "x", (skipped,))) is None
+
+
+def test_pool_arrays_round_trip(tmp_path: Path) -> None:
+    dets = [
+        Detections(
+            np.array([[1, 2, 3, 4]], np.float32),
+            np.array([0.5], np.float32),
+            np.array([1]),
+            np.array([[0.1, 0.2, 0.7]], np.float32),
+        ),
+        Detections.empty(2),
+    ]
+    files.save_pool(tmp_path / "p.npz", dets, np.eye(2, dtype=np.float32), np.zeros((0, 2), np.float32))
+    back = files.load_pool(tmp_path / "p.npz")
+    assert [len(d) for d in back["detections"]] == [1, 0]
+    np.testing.assert_allclose(back["detections"][0].class_probs, [[0.1, 0.2, 0.7]])
+    assert back["embeddings"].shape == (2, 2) and back["labeled_embeddings"].shape == (0, 2)
+
+
+def test_magral_falls_back_when_the_pool_fits_in_one_batch(tmp_path: Path) -> None:
+    studio = studio_with(tmp_path, labeled=[1, 2], unlabeled=[3, 4])
+    store = ModelStore(tmp_path / "store")
+    config = toy_config(tmp_path, min_labeled_for_magral=2, budget=5)
+    version = stages.run_round(1, client=studio, store=store, config=config, steps=toy_steps())
+    assert store.load_metrics(1, version)["strategy"] == "entropy_max"
+
+
+def test_magral_round_caches_the_proxy_before_the_records_and_keeps_it_unpublished(tmp_path: Path) -> None:
+    events: list[str] = []
+
+    class Caching(ToyStrategy):
+        def prepare(self, staging: Path) -> None:
+            events.append("cache")
+            (staging / files.PROXY_CACHE_FILE).write_bytes(b"frozen")
+
+        def record(self, staging: Path, index: int) -> Mapping[str, Any]:
+            events.append(f"record {index} sees {(staging / files.PROXY_CACHE_FILE).read_bytes().decode()}")
+            return super().record(staging, index)
+
+    steps = replace(toy_steps(), strategy=Caching)
+    store = ModelStore(tmp_path / "store")
+    studio = studio_with(tmp_path, labeled=[1, 2], unlabeled=[3, 4, 5, 6])
+    config = toy_config(tmp_path, min_labeled_for_magral=2, budget=2, lut_records=4)
+    version = stages.run_round(1, client=studio, store=store, config=config, steps=steps)
+    # two random records, then the two the (toy) first policy stage asks for
+    assert events == ["cache"] + [f"record {i} sees frozen" for i in range(4)]
+    assert not (store.version_dir(1, version) / files.PROXY_CACHE_FILE).exists()
+    assert store.load_metrics(1, version)["lut_records"] == 4
+    events.clear()  # a round under the fallback strategy has no proxy to cache
+    stages.run_round(1, client=studio, store=store, config=toy_config(tmp_path), steps=steps)
+    assert events == []
+
+
+def test_a_record_of_the_wrong_schema_fails_the_round_and_keeps_the_served_version(tmp_path: Path) -> None:
+    class Broken(ToyStrategy):
+        def record(self, staging: Path, index: int) -> Mapping[str, Any]:
+            return {"index": index, "value": 0.1 * index}
+
+    store = ModelStore(tmp_path / "store")
+    studio = studio_with(tmp_path, labeled=[1, 2], unlabeled=[3, 4, 5, 6])
+    config = toy_config(tmp_path, min_labeled_for_magral=2, budget=2, lut_records=4)
+    with pytest.raises(StoreError, match="expected a record"):
+        steps = replace(toy_steps(), strategy=Broken)
+        stages.run_round(1, client=studio, store=store, config=config, steps=steps)
+    assert store.current_version(1) is None and studio.imported == []
