@@ -22,6 +22,7 @@ import hashlib
 import itertools
 import json
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from magral_core import boxes, ranking
+from magral_core import boxes, features, ranking
 from magral_core.config import Config
 from magral_core.errors import UserError
 from magral_core.label_config import (
@@ -39,6 +40,7 @@ from magral_core.label_config import (
     parse_label_config,
     select_rectangles,
 )
+from magral_core.stage_clock import StageClock, merge_seconds
 from magral_core.store import METRICS, RANKING, ModelStore, read_json, write_json
 from magral_core.structures import AnnotatedImage, DetectionDataset, Detections
 
@@ -226,6 +228,7 @@ def prepare(
     """
     from magral_core.images import image_size
 
+    progress = clock = StageClock(progress)  # per-stage seconds for the round's metrics
     progress("fetching", 0.0)
     details = client.get_project(project)
     config_xml = str(details.get("label_config", ""))
@@ -304,6 +307,7 @@ def prepare(
     if strategy == "magral" and steps.prepare_proxy is not None:
         progress("caching", 0.0)
         steps.prepare_proxy(staging, config)  # once here, so the record jobs only load it
+    metrics.update(stage_seconds=clock.seconds(), started_at=clock.started, prepared_at=time.time())
     plan = RoundPlan(
         project,
         version,
@@ -358,6 +362,10 @@ def finish(
 ) -> str:
     """Rank, push predictions, serve in ranked order, publish. Returns the published version."""
     plan = RoundPlan.load(staging)
+    progress = clock = StageClock(progress)
+    # between the two processes: the record jobs and the policy (MAGRAL), else the wait in the queue
+    prepared_at = float(plan.metrics.get("prepared_at", clock.started))
+    between = {"lookup_table" if plan.lut_records else "queued": clock.started - prepared_at}
     arrays = load_pool(staging / POOL_FILE)
     records = load_lut_records(staging)
     progress("ranking", 0.0)
@@ -386,6 +394,7 @@ def finish(
             "task_ids": [plan.pool[i].task for i in order],
             "scores": [float(scores[i]) for i in order],
             "priorities": [float(p) for p in priorities],
+            **task_signals([arrays["detections"][i] for i in order], config.prediction_threshold),
         },
     )
     metrics = dict(
@@ -399,11 +408,13 @@ def finish(
         lut_records=len(records),
         skipped=plan.skipped,
     )
-    write_json(staging / METRICS, metrics)
     progress("pushing", 0.0)
     if predictions:
         client.import_predictions(plan.project, predictions)
     client.serve_in_ranked_order(plan.project, plan.version)
+    metrics["stage_seconds"] = merge_seconds(plan.metrics.get("stage_seconds", {}), between, clock.seconds())
+    metrics["duration_s"] = round(time.time() - float(plan.metrics.get("started_at", clock.started)), 3)
+    write_json(staging / METRICS, metrics)
     store.publish(plan.project, staging, plan.version)
     log.info(
         "project=%s version=%s published map=%s n_labeled=%d n_predictions=%d",
@@ -414,6 +425,17 @@ def finish(
         len(predictions),
     )
     return plan.version
+
+
+def task_signals(detections: Sequence[Detections], threshold: float) -> dict[str, list[Any]]:
+    """What the ranking shows per task (same order as `detections`): `boxes` shown to annotators (score >=
+    `threshold`), `best_scores` (highest box score, None without a detection) and `uncertainties` (the
+    largest class entropy in nats among the top detections, `features.detection_stats`)."""
+    return {
+        "boxes": [int((np.asarray(d.scores) >= threshold).sum()) for d in detections],
+        "best_scores": [round(float(np.max(d.scores)), 4) if len(d) else None for d in detections],
+        "uncertainties": [round(float(features.detection_stats(d)[1]), 4) for d in detections],
+    }
 
 
 def run_round(
