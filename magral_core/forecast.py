@@ -95,7 +95,9 @@ def _curve(x: np.ndarray, a: float, b: float, c: float) -> np.ndarray:
     return a - b * np.power(x, -c)
 
 
-def fit_power_law(labels: Sequence[float], maps: Sequence[float]) -> tuple[PowerLaw, np.ndarray, float]:
+def fit_power_law(
+    labels: Sequence[float] | np.ndarray, maps: Sequence[float] | np.ndarray
+) -> tuple[PowerLaw, np.ndarray, float]:
     """Least-squares power law through (labels, mAP); returns it, the (3, 3) covariance of (a, b, c)
     (infinite where the points do not determine it) and the residual standard deviation.
 

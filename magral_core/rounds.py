@@ -394,6 +394,7 @@ def finish(
             "task_ids": [plan.pool[i].task for i in order],
             "scores": [float(scores[i]) for i in order],
             "priorities": [float(p) for p in priorities],
+            "prediction_threshold": config.prediction_threshold,
             **task_signals([arrays["detections"][i] for i in order], config.prediction_threshold),
         },
     )

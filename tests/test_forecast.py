@@ -54,7 +54,8 @@ def test_verdict_is_flattened_at_the_end_of_a_saturating_curve_not_at_its_start(
     assert end.verdict == FLATTENED and "flattened" in end.message
     # the gain of the next 100 labels at the last round (1,100 labels)
     assert end.n_labeled == 1100
-    assert end.gain_per_100 == pytest.approx(float(curve(np.array(1200.0)) - curve(np.array(1100.0))), rel=0.01)
+    gain = float(curve(np.array(1200.0)) - curve(np.array(1100.0)))
+    assert end.gain_per_100 == pytest.approx(gain, rel=0.01)
 
 
 def test_a_flat_curve_has_flattened() -> None:
