@@ -10,6 +10,12 @@ conditioned. With three or more distinct label counts the curve is fitted by lea
 `curve_fit`, bounded); the band around the forecast is a 68% predictive interval (parameters drawn from the
 fit's covariance plus the residual noise). With two it falls back to the straight line through the last two
 rounds (no plateau); with fewer it says so. mAP is on the 0–1 scale throughout.
+
+The verdict reads the gain of the next 100 labels as the smaller of the fitted curve's and the observed
+one (the least-squares slope through the last `recent` rounds): a power law fitted to a whole curve that
+saturates more abruptly than a power law (a sigmoid-like start, then a flat tail) keeps a rising tail and
+would call a flat curve "still paying off"; the observed slope alone is noisy. The smaller of the two can
+say "flattened" early on a noisy dip, never "paying off" on a tail that is flat in the data.
 """
 
 from __future__ import annotations
@@ -57,7 +63,8 @@ class Forecast:
     `method`: "power_law", "linear" (two label counts) or "none" (fewer). `expected_map`: mAP expected at
     `n_labeled + horizon`; `band`: its 68% interval (power law with more points than parameters only);
     `plateau`: the fitted `a`; `labels_to`: {"90%": labels, "95%": labels} to reach that share of the
-    plateau; `gain_per_100`: the mAP the next 100 labels add at `n_labeled`; `verdict`: PAYING_OFF or
+    plateau; `gain_per_100`: the mAP the next 100 labels add at `n_labeled` (the smaller of
+    `fitted_gain_per_100` and `recent_gain_per_100`, see the module docstring); `verdict`: PAYING_OFF or
     FLATTENED (gain below `flat_gain`), None without a gain; `message`: one plain sentence.
     """
 
@@ -70,6 +77,8 @@ class Forecast:
     plateau: float | None = None
     labels_to: dict[str, int | None] = field(default_factory=dict)
     gain_per_100: float | None = None
+    fitted_gain_per_100: float | None = None
+    recent_gain_per_100: float | None = None
     verdict: str | None = None
     message: str = ""
     params: dict[str, float] | None = None
@@ -84,6 +93,8 @@ class Forecast:
             "plateau": self.plateau,
             "labels_to": dict(self.labels_to),
             "gain_per_100": self.gain_per_100,
+            "fitted_gain_per_100": self.fitted_gain_per_100,
+            "recent_gain_per_100": self.recent_gain_per_100,
             "flat_gain": self.flat_gain,
             "verdict": self.verdict,
             "message": self.message,
@@ -161,10 +172,16 @@ def forecast(
     flat_gain: float,
     seed: int = 0,
     samples: int = 400,
+    recent: int = 4,
+    window: int | None = None,
 ) -> Forecast:
     """The forecast after `horizon` more labels from rounds (labels[i], maps[i]); rounds without an mAP
-    (None, too few labels to validate on) are left out. The last round's label count is "now"."""
+    (None, too few labels to validate on) are left out. The last round's label count is "now". The curve
+    is fitted to the last `window` usable rounds (all when None); the observed gain is the slope through
+    the last `recent` (>= 2)."""
     points = [(int(n), float(m)) for n, m in zip(labels, maps, strict=True) if m is not None and n > 0]
+    if window is not None:
+        points = points[-max(2, window):]
     now = points[-1][0] if points else (int(labels[-1]) if labels else None)
     base = Forecast("none", now, int(horizon), float(flat_gain))
     distinct = sorted({n for n, _ in points})
@@ -179,7 +196,11 @@ def forecast(
         except (RuntimeError, ValueError):
             law = None
         if law is not None:
-            gain = float(law(now + 100) - law(now))
+            fitted = float(law(now + 100) - law(now))
+            tail = points[-max(2, recent):]
+            xs, ys = [p[0] for p in tail], [p[1] for p in tail]
+            observed = 100 * float(np.polyfit(xs, ys, 1)[0]) if len(set(xs)) > 1 else fitted
+            gain = min(fitted, observed)
             verdict, message = _verdict(gain, flat_gain)
             reach = {f"{round(100 * q)}%": law.labels_to_reach(q) for q in TARGETS}
             return replace(
@@ -190,6 +211,8 @@ def forecast(
                 plateau=round(law.a, 4),
                 labels_to={k: (math.ceil(v) if v is not None else None) for k, v in reach.items()},
                 gain_per_100=round(gain, 5),
+                fitted_gain_per_100=round(fitted, 5),
+                recent_gain_per_100=round(observed, 5),
                 verdict=verdict,
                 message=message,
                 params={"a": law.a, "b": law.b, "c": law.c, "n_ref": law.n_ref},
@@ -204,6 +227,7 @@ def forecast(
         method="linear",
         expected_map=round(float(np.clip(last[now] + slope * horizon, 0.0, 1.0)), 4),
         gain_per_100=round(100 * slope, 5),
+        recent_gain_per_100=round(100 * slope, 5),
         verdict=verdict,
         message=message + " (straight line through the last two rounds: no plateau yet)",
     )

@@ -80,3 +80,22 @@ def test_three_points_fit_exactly_without_a_band() -> None:
     result = forecast(list(n.astype(int)), list(curve(n)), horizon=20, flat_gain=0.005)
     assert result.method == "power_law" and result.band is None
     assert result.expected_map == pytest.approx(float(curve(np.array(160.0))), abs=0.005)
+
+
+def test_a_flat_tail_after_a_steep_rise_has_flattened() -> None:
+    # 1 - exp saturation (sharper than a power law): the whole-curve fit keeps rising, the data do not
+    n = np.arange(10, 140, 10, dtype=np.float64)
+    maps = 0.54 * (1 - np.exp(-n / 15)) + 0.002 * np.cos(n)
+    result = forecast(list(n.astype(int)), list(maps), horizon=10, flat_gain=0.005)
+    assert result.fitted_gain_per_100 is not None and result.fitted_gain_per_100 > 0.005
+    assert result.recent_gain_per_100 is not None and abs(result.recent_gain_per_100) < 0.005
+    assert result.verdict == FLATTENED
+    early = forecast(list(n[:4].astype(int)), list(maps[:4]), horizon=10, flat_gain=0.005)
+    assert early.verdict == PAYING_OFF
+
+
+def test_window_fits_only_the_last_rounds() -> None:
+    n = np.arange(20, 420, 40, dtype=np.float64)
+    result = forecast(list(n.astype(int)), list(curve(n)), horizon=40, flat_gain=0.005, window=4)
+    assert result.params is not None and result.params["n_ref"] == 260
+    assert result.expected_map == pytest.approx(float(curve(np.array(420.0))), abs=1e-3)
