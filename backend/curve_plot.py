@@ -42,7 +42,7 @@ def render_curve_png(
         n = np.linspace(min(known), max(known) + max(horizon, 1), 100)
         curve = fit["a"] - fit["b"] * (n / fit["n_ref"]) ** (-fit["c"])
         axes.plot(n, curve, "--", color="grey", label="mAP fit")
-        axes.axhline(fit["a"], color="grey", linewidth=0.5)
+        axes.axhline(fit["a"], color="grey", linewidth=0.5, label="fitted plateau")
     if not known:
         axes.text(0.5, 0.5, "no rounds yet", ha="center", va="center", transform=axes.transAxes)
     axes.set_xlabel("labeled images")

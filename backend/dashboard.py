@@ -48,14 +48,20 @@ def round_label(version: str, strategy: Any) -> str:
     return f"{number} · {strategy}" if strategy else number
 
 
+# the order a round runs its stages in (metrics.json stores them sorted by name)
+STAGE_ORDER = ("fetching", "training", "evaluating", "scoring", "caching", "queued", "lookup_table", "policy",
+               "ranking", "pushing")
+
+
 def stage_names(rounds: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Every stage any round timed, in the order they first appear."""
-    names: dict[str, None] = {}
+    """Every stage any round timed: the known ones in the order a round runs them, then any other."""
+    names: set[str] = set()
     for r in rounds:
         stages = r.get("stage_seconds")
         if isinstance(stages, Mapping):
-            names.update(dict.fromkeys(stages))
-    return list(names)
+            names.update(stages)
+    known = [s for s in STAGE_ORDER if s in names]
+    return known + sorted(names - set(known))
 
 
 def round_rows(rounds: Sequence[Mapping[str, Any]], stages: Sequence[str]) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ from service_fixtures import FakeStudio, studio_with, toy_steps
 from test_backend_protocol import SETUP, basic, make_app
 
 from backend.app import Services
+from backend.dashboard import stage_names
 from magral_core import rounds
 from magral_core.store import METRICS, RANKING, ModelStore, read_json, write_json
 
@@ -171,3 +172,9 @@ def test_dashboard_and_curve_are_behind_basic_auth(
         assert client.get(path, headers=BROWSER).status_code == 401, path
         assert client.get(path, headers=BROWSER | basic("ls", "s3cret")).status_code == 200, path
     assert client.post("/setup", json=SETUP, headers=basic("ls", "s3cret")).status_code == 200
+
+
+def test_stages_are_shown_in_the_order_a_round_runs_them() -> None:
+    rounds = [{"stage_seconds": {"pushing": 1, "fetching": 2, "training": 3}}, {"stage_seconds": {"zeta": 1}}]
+    rounds.append({})
+    assert stage_names(rounds) == ["fetching", "training", "pushing", "zeta"]
