@@ -9,6 +9,7 @@ versions are immutable, so a version's rounds give the same forecast until the n
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -31,15 +32,20 @@ class VersionCache:
     def __init__(self, size: int = 64) -> None:
         self.size = size
         self._items: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+        self._lock = threading.Lock()
 
     def get(self, key: tuple[Any, ...], compute: Callable[[], Any]) -> Any:
-        if key in self._items:
-            self._items.move_to_end(key)
-            return self._items[key]
+        """The cached value of `key`, computed (outside the lock: two requests may both compute it) when
+        missing. An exception from `compute` propagates and caches nothing."""
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
         value = compute()
-        self._items[key] = value
-        while len(self._items) > self.size:
-            self._items.popitem(last=False)
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
         return value
 
 
