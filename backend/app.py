@@ -28,4 +28,4 @@ def create_app(config: Config, *, services: Services | None = None) -> Flask:
     return app
 
 
-__all__ = ["Services", "create_app", "default_services"]
+__all__ = ["create_app"]

@@ -46,7 +46,9 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(404)
     def _not_found(exc: HTTPException) -> tuple[Any, int]:
         return error_body(
-            404, "no such endpoint; expected one of /health, /setup, /predict, /webhook, /versions, /status"
+            404,
+            "no such endpoint; expected one of /health, /setup, /predict, /webhook, /versions, /status, "
+            "/projects/<id>/ranking, /projects/<id>/curve.png",
         )
 
     @app.errorhandler(405)

@@ -7,17 +7,27 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, current_app, jsonify, make_response, request
 
+from backend import dashboard
 from backend.errors import ApiError
 from backend.predictions import UNTRAINED
 from backend.services import Services
+from backend.status import (
+    VersionCache,
+    curve_png,
+    load_rounds,
+    next_tasks,
+    project_status,
+    queue_status,
+)
+from backend.task_ranking import parse_limit
 from backend.webhook import parse_event, project_id
-from magral_core.service.store import StoreError
 from magral_core.studio.label_config import LabelConfig, LabelConfigError, parse_label_config
 
 log = logging.getLogger(__name__)
 blueprint = Blueprint("magral", __name__)
+STATUS_POLL_S = 3  # how often the dashboard polls the JSON for the running round's progress
 
 
 def _services() -> Services:
@@ -156,42 +166,76 @@ def versions() -> Any:
     return jsonify({"versions": names, "model_version": current or UNTRAINED})
 
 
+def _cache() -> VersionCache:
+    cache: VersionCache = current_app.extensions.setdefault("magral_version_cache", VersionCache())
+    return cache
+
+
+def _known_project(project: int) -> None:
+    if project not in _services().store.projects():
+        raise ApiError(404, f"expected a project this backend knows (see /status), found {project}")
+
+
+def _wants_html() -> bool:
+    """HTML only when asked for by ?format=html or an Accept header that prefers it to JSON (browsers)."""
+    fmt = request.args.get("format")
+    if fmt is not None:
+        if fmt not in ("json", "html"):
+            raise ApiError(400, f"expected ?format=json or ?format=html, found {fmt!r:.40}")
+        return fmt == "html"
+    accept = request.accept_mimetypes
+    return accept["text/html"] > accept["application/json"]
+
+
 @blueprint.get("/status")
 def status() -> Any:
+    """JSON (`Accept: application/json`, `?format=json`, no Accept) or the dashboard (browsers)."""
     services = _services()
+    config = current_app.config["MAGRAL_CONFIG"]
     raw = request.args.get("project")
     if raw is not None and project_id(raw) is None:
         raise ApiError(400, f"expected ?project=<integer id>, found {raw!r}")
     projects = (
         [p for p in [project_id(raw)] if p is not None] if raw is not None else services.store.projects()
     )
-    return jsonify({"projects": [_project_status(services, p) for p in projects]})
+    html = _wants_html()
+    rounds = {p: load_rounds(services.store, p) for p in projects}
+    infos = [project_status(services, p, config, _cache(), rounds[p]) for p in projects]
+    queue = queue_status(services)
+    if not html:
+        return jsonify({"projects": infos, "queue": queue})
+    views = [
+        dashboard.project_view(info, rounds[info["project"]], next_tasks(services, config, _cache(), info))
+        for info in infos
+    ]
+    return dashboard.render(views, queue, refresh_s=STATUS_POLL_S)
 
 
-def _project_status(services: Services, project: int) -> dict[str, Any]:
-    store = services.store
-    rounds = []
-    for version in store.list_versions(project):
-        try:
-            metrics = store.load_metrics(project, version)
-        except StoreError as exc:
-            metrics = {"error": str(exc)}
-        rounds.append(
-            {k: metrics.get(k) for k in ("map", "ap50", "n_labeled", "n_unlabeled", "strategy")}
-            | {"version": version}
-        )
-    latest = rounds[-1] if rounds else {}
-    info: dict[str, Any] = {
-        "project": project,
-        "current_version": store.current_version(project),
-        "labeled": latest.get("n_labeled"),
-        "unlabeled": latest.get("n_unlabeled"),
-        "rounds": rounds,
-        "last_error": store.last_error(project),
-        "running": None,
-        "pending_annotations": None,
-    }
-    if services.queue is not None:
-        info["running"] = services.queue.running(project)
-        info["pending_annotations"] = services.queue.pending_annotations(project)
-    return info
+@blueprint.get("/projects/<int:project>/ranking")
+def task_ranking(project: int) -> Any:
+    """The served version's next tasks in serving order, with the signals behind their rank."""
+    _known_project(project)
+    try:
+        limit = parse_limit(request.args.get("limit"))
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
+    services = _services()
+    current = services.store.current_version(project)
+    if current is None:
+        return jsonify({"project": project, "version": None, "total": 0, "tasks": []})
+    info = {"project": project, "current_version": current}
+    answer = next_tasks(services, current_app.config["MAGRAL_CONFIG"], _cache(), info, limit=limit)
+    if answer is None:
+        raise ApiError(404, f"project {project}: the served version has no ranking file")
+    return jsonify(answer)
+
+
+@blueprint.get("/projects/<int:project>/curve.png")
+def curve(project: int) -> Any:
+    """The learning curve as a PNG, rendered once per served version and number of rounds."""
+    _known_project(project)
+    png = curve_png(_services(), current_app.config["MAGRAL_CONFIG"], _cache(), project)
+    response = make_response(png)
+    response.headers["Content-Type"] = "image/png"
+    response.headers["Cache-Control"] = "private, max-age=60"
+    return response

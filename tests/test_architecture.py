@@ -52,12 +52,12 @@ def package_of(module: str) -> str:
     return best
 
 
-def imports_of(path: Path, module: str) -> set[str]:
-    """Every project module `path` imports, at module level or inside functions."""
+def imports_of(path: Path, module: str, *, top_level_only: bool = False) -> set[str]:
+    """Every project module `path` imports, at module level or (unless `top_level_only`) inside functions."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
     out: set[str] = set()
-    for node in ast.walk(tree):
+    for node in tree.body if top_level_only else ast.walk(tree):
         if isinstance(node, ast.Import):
             out.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -100,3 +100,28 @@ def test_a_long_module_says_why(name: str, path: Path) -> None:
     if lines > LINE_LIMIT:
         docstring = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
         assert REASON in " ".join(docstring.split()), f"{name}: {lines} lines and no reason in its docstring"
+
+
+def test_no_import_cycle_at_module_level() -> None:
+    """Module-level imports (the ones that run on import) form no cycle, inside a package or across."""
+    known = {name for name, _ in modules()}
+    graph = {
+        name: {m for m in imports_of(path, name, top_level_only=True) if m in known and m != name}
+        for name, path in modules()
+    }
+    seen: dict[str, int] = {}  # 1 = on the stack, 2 = done
+
+    def visit(node: str, stack: list[str]) -> list[str] | None:
+        seen[node] = 1
+        for nxt in sorted(graph[node]):
+            if seen.get(nxt) == 1:
+                return [*stack, node, nxt]
+            if nxt not in seen and (cycle := visit(nxt, [*stack, node])):
+                return cycle
+        seen[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in seen:
+            cycle = visit(start, [])
+            assert cycle is None, " → ".join(cycle or [])

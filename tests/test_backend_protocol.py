@@ -12,8 +12,9 @@ from flask.testing import FlaskClient
 from redis import Redis
 from service_fixtures import LABEL_CONFIG, FakeStudio, studio_with, toy_config, toy_steps
 
-from backend.app import Services, create_app
+from backend.app import create_app
 from backend.predictions import Predictor
+from backend.services import Services
 from magral_core.config import Config
 from magral_core.service import context, stages
 from magral_core.service.queue import RoundQueue, round_job_id

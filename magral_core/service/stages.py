@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,12 +28,15 @@ from typing import Any
 import numpy as np
 
 from magral_core.config import Config
+from magral_core.method.features import detection_stats
 from magral_core.service import staging as files
 from magral_core.service.predict import task_results
+from magral_core.service.stage_clock import StageClock, merge_seconds
 from magral_core.service.staging import RoundPlan
 from magral_core.service.steps import Progress, RoundSteps, StudioClient
 from magral_core.service.store import ModelStore
 from magral_core.service.tasks import round_images
+from magral_core.structures import Detections
 from magral_core.studio.label_config import merge_class_names, parse_label_config
 from magral_core.studio.results import scores_from_order, task_prediction
 
@@ -78,8 +81,8 @@ def prepare(
 
     Raises UserError when the project's label config has no box control or no task is annotated.
     """
-    config, steps, progress = ctx.config, ctx.steps, ctx.progress
-    started = time.monotonic()
+    config, steps = ctx.config, ctx.steps
+    progress = clock = StageClock(ctx.progress)  # per-stage seconds for the round's metrics
     progress("fetching", 0.0)
     label_config = parse_label_config(str(client.get_project(project).get("label_config", "")))
     previous = store.current_version(project)
@@ -116,12 +119,12 @@ def prepare(
     if records:
         progress("caching", 0.0)
         strategy.prepare(staging)  # once here, so the record jobs only load it
+    metrics.update(stage_seconds=clock.seconds(), started_at=clock.started, prepared_at=time.time())
     plan = RoundPlan(
         project, version, class_names, asdict(label_config), strategy_name, records,
         tuple(i.image_id for i in images.labeled),
         tuple(i.image_id for i in val_set.images) if val_set is not None else (),
-        images.pool_tasks, images.skipped,
-        dict(metrics, prepare_seconds=round(time.monotonic() - started, 3)),
+        images.pool_tasks, images.skipped, metrics,
     )
     plan.save(staging)
     return plan
@@ -148,9 +151,12 @@ def propose(staging: Path, ctx: RoundContext) -> range:
 # --- stage 3 ---
 def finish(staging: Path, client: StudioClient, store: ModelStore, ctx: RoundContext) -> str:
     """Rank, push predictions, serve in ranked order, publish. Returns the published version."""
-    config, progress = ctx.config, ctx.progress
-    started = time.monotonic()
+    config = ctx.config
     plan = RoundPlan.load(staging)
+    progress = clock = StageClock(ctx.progress)
+    # between the two processes: the record jobs and the policy (MAGRAL), else the wait in the queue
+    prepared_at = float(plan.metrics.get("prepared_at", clock.started))
+    between = {"lookup_table" if plan.lut_records else "queued": clock.started - prepared_at}
     arrays = files.load_pool(staging / files.POOL_FILE)
     records = files.load_lut_records(staging)
     progress("ranking", 0.0)
@@ -177,6 +183,8 @@ def finish(staging: Path, client: StudioClient, store: ModelStore, ctx: RoundCon
         "task_ids": [plan.pool[i].task for i in order],
         "scores": [float(scores[i]) for i in order],
         "priorities": [float(p) for p in priorities],
+        "prediction_threshold": config.prediction_threshold,
+        **task_signals([arrays["detections"][i] for i in order], config.prediction_threshold),
     })
     metrics = dict(
         plan.metrics,
@@ -188,17 +196,29 @@ def finish(staging: Path, client: StudioClient, store: ModelStore, ctx: RoundCon
         n_unlabeled=n,
         lut_records=len(records),
         skipped=plan.skipped,
-        finish_seconds=round(time.monotonic() - started, 3),
     )
-    files.save_metrics(staging, metrics)
     progress("pushing", 0.0)
     if predictions:
         client.import_predictions(plan.project, predictions)
     client.serve_in_ranked_order(plan.project, plan.version)
+    metrics["stage_seconds"] = merge_seconds(plan.metrics.get("stage_seconds", {}), between, clock.seconds())
+    metrics["duration_s"] = round(time.time() - float(plan.metrics.get("started_at", clock.started)), 3)
+    files.save_metrics(staging, metrics)
     store.publish(plan.project, staging, plan.version)
     log.info("project=%s version=%s published map=%s n_labeled=%d n_predictions=%d", plan.project,
              plan.version, metrics.get("map"), len(plan.labeled_tasks), len(predictions))
     return plan.version
+
+
+def task_signals(detections: Sequence[Detections], threshold: float) -> dict[str, list[Any]]:
+    """What the ranking shows per task (same order as `detections`): `boxes` shown to annotators (score >=
+    `threshold`), `best_scores` (highest box score, None without a detection) and `uncertainties` (the
+    largest class entropy in nats among the top detections, `features.detection_stats`)."""
+    return {
+        "boxes": [int((np.asarray(d.scores) >= threshold).sum()) for d in detections],
+        "best_scores": [round(float(np.max(d.scores)), 4) if len(d) else None for d in detections],
+        "uncertainties": [round(float(detection_stats(d)[1]), 4) for d in detections],
+    }
 
 
 def run_round(
