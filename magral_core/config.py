@@ -93,7 +93,8 @@ class Config:
     """Labeled images needed before MAGRAL is used; below it `fallback_strategy` ranks. Default 20."""
 
     fallback_strategy: str = field(default="entropy_max", metadata={"env": "MAGRAL_FALLBACK_STRATEGY"})
-    """Strategy used while too few labels exist for MAGRAL. Default "entropy_max"."""
+    """Strategy used while too few labels exist for MAGRAL (any name but `magral`, e.g. `ppal`).
+    Default "entropy_max"."""
 
     # --- service -------------------------------------------------------------------------------------------
     redis_url: str = field(default="", metadata={"env": "REDIS_URL"})
