@@ -52,3 +52,6 @@ def test_two_jobs_give_exactly_the_records_of_one(tmp_path, monkeypatch) -> None
     assert main([*argv, "--jobs", "2", "--out", str(tmp_path / "two")]) == 0
     assert _records(tmp_path / "two") == one
     assert main([*argv, "--jobs", "0", "--out", str(tmp_path / "zero")]) == 2
+    # the store may lie outside the output directory, which then holds only the report files
+    assert main([*argv, "--store", str(tmp_path / "one" / "rounds"), "--out", str(tmp_path / "results")]) == 0
+    assert not (tmp_path / "results" / "rounds").exists() and _records(tmp_path / "results") == one

@@ -4,9 +4,9 @@ The pool is one split (images that may be labeled), results are measured on anot
 selection never sees. Learners: "detector" (the configured detector, retrained from scratch each round
 with the configured schedule; MAGRAL's proxy is `magral_core.proxy` on a validation part carved from the
 labeled set) and "toy" (closed-form metrics, for dry runs of the protocol). Every finished round is saved
-under `<out>/rounds/`, so re-running the same command resumes, with any `--jobs`. `--jobs N` runs the
-curves in N processes of one torch thread each (`simulation.parallel`). Writes results.json, results.csv,
-paired.csv, summary.md, curve.png and paired.png into `--out`.
+under `--store` (default `<out>/rounds/`), so re-running the same command resumes, with any `--jobs`.
+`--jobs N` runs the curves in N processes of one torch thread each (`simulation.parallel`). Writes
+results.json, results.csv, paired.csv, summary.md, curve.png and paired.png into `--out`.
 """
 
 from __future__ import annotations
@@ -65,6 +65,9 @@ def register(sub: Any) -> None:
                         help="processes running independent curves, one torch thread each (default 1: this "
                              "process, with the configured threads)")
     parser.add_argument("--out", required=True, type=Path, help="output directory (created)")
+    parser.add_argument("--store", type=Path, default=None,
+                        help="directory of the finished rounds (default <out>/rounds); elsewhere keeps --out "
+                             "small enough to commit, e.g. under docs/results/")
     parser.set_defaults(handler=run)
 
 
@@ -126,7 +129,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         log.info("strategy=%s seed=%d round=%d n_labeled=%d map=%.4f ap50=%.4f seconds=%.1f", rec.strategy,
                  rec.seed, rec.round, rec.n_labeled, rec.map, rec.ap50, rec.seconds)
 
-    store = RoundStore(args.out / "rounds")
+    store = RoundStore(args.store or args.out / "rounds")
     if args.jobs > 1:
         records = run_parallel(learner, settings, jobs=args.jobs, store=store, magral=magral,
                                torch_seed=config.seed, log_level=config.log_level)
@@ -134,7 +137,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         records = run_simulation(learner, settings, factory=make_factory(magral), store=store, log=report)
     full = None
     if args.full_pool:
-        full_path = args.out / "rounds" / "full_pool.json"
+        full_path = store.root / "full_pool.json"
         if full_path.is_file():
             full = Metrics(**json.loads(full_path.read_text()))
         else:
