@@ -32,6 +32,7 @@ HEURISTIC_STRATEGIES: tuple[str, ...] = (
     "random",
     *(f"{m}_{a}" for m in UNCERTAINTY_MEASURES for a in UNCERTAINTY_AGGREGATIONS),
     "coreset",
+    "ppal",
 )
 """Strategies that rank from the pool's features alone (usable as the fallback)."""
 STRATEGY_NAMES: tuple[str, ...] = (*HEURISTIC_STRATEGIES, "magral")
@@ -113,7 +114,8 @@ class Config:
     """Labeled images needed before MAGRAL is used; below it `fallback_strategy` ranks. Default 20."""
 
     fallback_strategy: str = field(default="entropy_max", metadata={"env": "MAGRAL_FALLBACK_STRATEGY"})
-    """Strategy used while too few labels exist for MAGRAL. Default "entropy_max"."""
+    """Strategy used while too few labels exist for MAGRAL (any name but `magral`, e.g. `ppal`).
+    Default "entropy_max"."""
 
     forecast_flat_gain: float = field(default=0.005, metadata={"env": "MAGRAL_FORECAST_FLAT_GAIN"})
     """mAP gain (0–1 scale) per 100 more labels below which the status forecast says labeling has

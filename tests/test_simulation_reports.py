@@ -40,6 +40,25 @@ def test_reports_are_written(tmp_path) -> None:
     rows = list(csv.reader((tmp_path / "results.csv").open()))
     assert rows[0][:6] == ["strategy", "seed", "round", "n_labeled", "map", "ap50"] and len(rows) == 3
     summary = (tmp_path / "summary.md").read_text()
-    assert "- coreset: seed 0: 10" in summary and "- random: seed 0: —" in summary
+    assert "| coreset | 30.00 | +10.00 | 10 | 10 |" in summary and "| random | 20.00 | — | — | — |" in summary
+
+
+def test_tables_are_regenerated_from_the_results_file(tmp_path, capsys) -> None:
+    from magral_core.simulation.__main__ import main
+    from magral_core.simulation.reports import load_results, render_markdown
+
+    records = [_rec(name, seed, r, 10 + 10 * r, 0.1 * r + 0.01 * seed + (0.02 * r if name == "ppal" else 0))
+               for name in ("random", "ppal") for seed in (0, 1, 2) for r in range(3)]
+    write_reports(tmp_path, records, full_pool=Metrics(0.25, 0.4))
+    loaded, full, baseline = load_results(tmp_path / "results.json")
+    assert loaded == records and full == Metrics(0.25, 0.4) and baseline == "random"
+    text = render_markdown(loaded, full_pool=full)
+    assert (tmp_path / "summary.md").read_text() == "# Active-learning curves\n\n" + text
+    assert "| 1 | 20 | +2.00 [+2.00, +2.00] |" in text and "| 1–2 | mean | +3.00 [+3.00, +3.00] |" in text
+    assert main(["--markdown", str(tmp_path)]) == 0 and capsys.readouterr().out == text
+    assert main(["--markdown", str(tmp_path / "nothing")]) == 2
+    rows = list(csv.reader((tmp_path / "paired.csv").open()))
+    assert rows[0] == ["strategy", "kind", "round", "n_labeled", "mean", "low", "high", "seeds"]
+    assert ["ppal", "round", "2", "30", "0.04000", "0.04000", "0.04000", "3"] in rows
 
 

@@ -1,11 +1,12 @@
 """`magral simulate`: active-learning curves of several strategies and seeds on a fully labeled dataset.
 
 The pool is one split (images that may be labeled), results are measured on another (`--test-split`) that
-selection never sees. Learners: "detector" (the configured detector, retrained from scratch each round
-with the configured schedule; MAGRAL's proxy is `magral_core.method.proxy` on a validation part carved from
-the labeled set) and "toy" (closed-form metrics, for dry runs of the protocol). Every finished round is saved
-under `<out>/rounds/`, so re-running the same command resumes. Writes results.json, results.csv,
-summary.md and curve.png into `--out`.
+selection never sees. Learners: "detector" (the configured detector, retrained from scratch each round with
+the configured schedule; MAGRAL's proxy is `magral_core.method.proxy` on a validation part carved from the
+labeled set) and "toy" (closed-form metrics, for dry runs of the protocol). Every finished round is saved
+under `--store` (default `<out>/rounds/`), so re-running the same command resumes, with any `--jobs`. `--jobs
+N` runs the curves in N processes of one torch thread each (`simulation.parallel`). Writes results.json,
+results.csv, paired.csv, summary.md, curve.png and paired.png into `--out`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from magral_core.simulation import (
     SimulationSettings,
     ToyLearner,
     make_factory,
+    run_parallel,
     run_simulation,
     write_atomic,
     write_reports,
@@ -59,7 +61,13 @@ def register(sub: Any) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="rounds after the initial one (default 5)")
     parser.add_argument("--full-pool", action="store_true",
                         help="also train on the whole pool: the upper bound and the 95%% target")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="processes running independent curves, one torch thread each (default 1: this "
+                             "process, with the configured threads)")
     parser.add_argument("--out", required=True, type=Path, help="output directory (created)")
+    parser.add_argument("--store", type=Path, default=None,
+                        help="directory of the finished rounds (default <out>/rounds); elsewhere keeps --out "
+                             "small enough to commit, e.g. under docs/results/")
     parser.set_defaults(handler=run)
 
 
@@ -103,6 +111,8 @@ def build_learner(args: argparse.Namespace, config: Config) -> Any:
 
 def run(args: argparse.Namespace, config: Config) -> int:
     settings = parse_settings(args, config)
+    if args.jobs < 1:
+        raise UserError(f"--jobs must be >= 1, found {args.jobs}")
     learner = build_learner(args, config)
     if settings.initial > learner.pool_size:
         raise UserError(f"--initial {settings.initial} exceeds the pool of {learner.pool_size} images")
@@ -119,11 +129,15 @@ def run(args: argparse.Namespace, config: Config) -> int:
         log.info("strategy=%s seed=%d round=%d n_labeled=%d map=%.4f ap50=%.4f seconds=%.1f", rec.strategy,
                  rec.seed, rec.round, rec.n_labeled, rec.map, rec.ap50, rec.seconds)
 
-    records = run_simulation(learner, settings, factory=make_factory(magral),
-                             store=RoundStore(args.out / "rounds"), log=report)
+    store = RoundStore(args.store or args.out / "rounds")
+    if args.jobs > 1:
+        records = run_parallel(learner, settings, jobs=args.jobs, store=store, magral=magral,
+                               torch_seed=config.seed, log_level=config.log_level)
+    else:
+        records = run_simulation(learner, settings, factory=make_factory(magral), store=store, log=report)
     full = None
     if args.full_pool:
-        full_path = args.out / "rounds" / "full_pool.json"
+        full_path = store.root / "full_pool.json"
         if full_path.is_file():
             full = Metrics(**json.loads(full_path.read_text()))
         else:

@@ -1,8 +1,8 @@
 """Active-learning strategies behind one interface: `Strategy.rank(pool, budget, rng) -> list[Pick]`.
 
 Names: "random"; "<measure>_<aggregation>" for measure in entropy, least_confidence, margin and
-aggregation in max, mean, sum (e.g. "entropy_max", "margin_mean"); "coreset"; "magral" (needs a trained
-`controller=`, see `fit_magral`).
+aggregation in max, mean, sum (e.g. "entropy_max", "margin_mean"); "coreset"; "ppal" (difficulty-calibrated
+uncertainty, then diversity); "magral" (needs a trained `controller=`, see `fit_magral`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from magral_core.method.strategies.magral import (
     fit_magral,
     initial_record_specs,
 )
+from magral_core.method.strategies.ppal import PpalStrategy
 from magral_core.method.strategies.random_sampling import RandomStrategy
 from magral_core.method.strategies.uncertainty import (
     AGGREGATIONS,
@@ -35,12 +36,14 @@ STRATEGIES: tuple[str, ...] = STRATEGY_NAMES
 
 
 def make_strategy(name: str, **kwargs: Any) -> Strategy:
-    """The strategy called `name`; kwargs go to its constructor (coreset: greedy_picks; magral:
-    controller). Raises ValueError listing the known names."""
+    """The strategy called `name`; kwargs go to its constructor (coreset: greedy_picks; ppal: candidate_ratio,
+    class_quality, weight_ub, weight_alpha; magral: controller). Raises ValueError listing the known names."""
     if name == "random":
         return RandomStrategy()
     if name == "coreset":
         return CoresetStrategy(**kwargs)
+    if name == "ppal":
+        return PpalStrategy(**kwargs)
     if name == "magral":
         if "controller" not in kwargs:
             raise ValueError(
@@ -63,6 +66,7 @@ __all__ = [
     "MagralStrategy",
     "Pick",
     "Pool",
+    "PpalStrategy",
     "RandomStrategy",
     "Strategy",
     "UncertaintyStrategy",
