@@ -1,9 +1,10 @@
 """`DetectorLearner`: the protocol's `Learner` backed by the configured detector on a fully labeled dataset.
 
-`train` builds a fresh detector (seeded) and trains it on the labeled pool images with the configured
-schedule; `pool` runs one `extract` pass over the unlabeled and the labeled pool images; `proxy` is
-`magral_core.proxy.make_proxy` on a validation part carved from the labeled images, with the candidate batch
-unlabeled. Only `evaluate` reads the test split. Heavy modules are imported on first use.
+`train` builds a fresh detector (seeded) and trains it with the configured schedule on the labeled pool
+images less the proxy's validation part (`proxy.split_validation`, as the service holds its validation tasks
+out of training); `pool` runs one `extract` pass over the unlabeled and the labeled pool images; `proxy` is
+`magral_core.proxy.make_proxy` on that validation part, with the candidate
+batch unlabeled. Only `evaluate` reads the test split. Heavy modules are imported on first use.
 """
 
 from __future__ import annotations
@@ -30,14 +31,22 @@ class DetectorLearner:
     def pool_size(self) -> int:
         return len(self.pool_data)
 
+    def split(self, labeled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(train, val) positions of `labeled`: the detector trains on the first, the proxy measures on the
+        second."""
+        from magral_core.proxy import split_validation
+
+        return split_validation(labeled, self.config.seed)
+
     def train(self, labeled: np.ndarray, *, seed: int) -> Any:
         from magral_core.detectors import build_detector
         from magral_core.engine import train_detector
 
+        train, _ = self.split(labeled)
         model = build_detector(self.config.detector, num_classes=self.pool_data.num_classes,
                                image_size=self.config.image_size, weights_dir=self.config.weights_dir,
                                seed=seed)
-        train_detector(model, self.pool_data.subset(np.asarray(labeled).tolist()), epochs=self.config.epochs,
+        train_detector(model, self.pool_data.subset(train.tolist()), epochs=self.config.epochs,
                        batch_size=self.config.batch_size, learning_rate=self.config.learning_rate, seed=seed,
                        device=self.config.device)
         return model
