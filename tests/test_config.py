@@ -80,3 +80,10 @@ def test_readme_lists_every_environment_variable_as_the_code_documents_it() -> N
     wrong = {f.metadata["env"]: (rows.get(f.metadata["env"]), docs[f.name]) for f in fields(Config)
              if rows.get(f.metadata["env"]) != docs[f.name]}
     assert not wrong, f"README rows (found, expected) differ from the code: {wrong}"
+
+
+def test_unknown_reward_names_the_variable_the_value_and_the_choices() -> None:
+    assert Config.from_env({"MAGRAL_REWARD": "retrospective"}).reward == "retrospective"
+    with pytest.raises(ConfigError, match=r"MAGRAL_REWARD must be one of \['proxy', 'pseudo_label', "
+                                          r"'retrospective'\], found 'oracle'"):
+        Config.from_env({"MAGRAL_REWARD": "oracle"})

@@ -3,8 +3,9 @@
 `train` builds a fresh detector (seeded) and trains it with the configured schedule on the labeled pool
 images less the proxy's validation part (`proxy.split_validation`, as the service holds its validation tasks
 out of training); `pool` runs one `extract` pass over the unlabeled and the labeled pool images; `proxy` is
-`magral_core.proxy.make_proxy` on that validation part, with the candidate
-batch unlabeled. Only `evaluate` reads the test split. Heavy modules are imported on first use.
+the configured reward (`magral_core.rewards`, `Config.reward`; the paper's proxy by default) on that
+validation part, with the candidate batch unlabeled. Only `evaluate` reads the test split. Heavy modules
+are imported on first use.
 """
 
 from __future__ import annotations
@@ -68,7 +69,16 @@ class DetectorLearner:
         return Pool(embeddings, tuple(detections), labeled_embeddings)
 
     def proxy(self, state: Any, labeled: np.ndarray, unlabeled: np.ndarray) -> ProxyFn | None:
-        from magral_core.proxy import ProxySettings, make_proxy
+        from magral_core.engine import extract
+        from magral_core.rewards import RewardRound, make_reward, needs_detections
 
-        settings = ProxySettings(score_threshold=self.config.score_threshold)
-        return make_proxy(state, self.pool_data, labeled, unlabeled, settings, seed=self.config.seed)
+        train, val = self.split(labeled)
+        pool, labeled_set = self.pool_data.subset(unlabeled.tolist()), self.pool_data.subset(train.tolist())
+        round_ = RewardRound(state, labeled_set, self.pool_data.subset(val.tolist()), pool)
+        if needs_detections(self.config.reward):  # label-free detector outputs, pool and labeled images
+            pool_det, pool_emb = extract(state, pool, score_threshold=self.config.score_threshold)
+            lab_det, lab_emb = extract(state, labeled_set, score_threshold=self.config.score_threshold)
+            round_ = RewardRound(state, labeled_set, round_.val, pool, tuple(pool_det), pool_emb,
+                                 tuple(lab_det), lab_emb)
+        return make_reward(self.config.reward, round_, budget=self.config.budget,
+                           score_threshold=self.config.score_threshold, seed=self.config.seed)
