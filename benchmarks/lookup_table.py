@@ -4,9 +4,9 @@ the time of every component of a MAGRAL round.
     OMP_NUM_THREADS=1 python -m benchmarks.lookup_table [--quick] [--data DIR] [--json PATH]
 
 Setup (`setup_round`): the pool is BCCD `train`; a seeded random labeled set is drawn from it and the task
-detector is trained on it with the configured schedule (`--quick`: a short one on small images). The proxy's
-validation part is carved from the labeled set as production does (`proxy.make_proxy`); the test split is
-never read.
+detector is trained with the configured schedule (`--quick`: a short one on small images) on the labeled set
+less the proxy's validation part (`proxy.split_validation`, the split `proxy.make_proxy` uses), as the
+service holds its validation tasks out of training; the test split is never read.
 
 Part 1, one record. `proxy` = `proxy.CachedProxy` as production computes it: the one-off caching of frozen
 outputs (labeled training part with targets, validation part, every pool image) is timed on its own
@@ -69,8 +69,9 @@ class Timer:
 
 @dataclass
 class RoundSetup:
-    """A round on BCCD: the config used, the pool (`train` split), labeled/unlabeled positions in it and
-    the task detector trained on the labeled ones."""
+    """A round on BCCD: the config used, the pool (`train` split), labeled/unlabeled positions in it, the
+    labeled ones split into the detector's training part and the proxy's validation part
+    (`proxy.split_validation`), and the task detector trained on the training part only."""
 
     config: Any
     dataset: Any
@@ -79,6 +80,8 @@ class RoundSetup:
     unlabeled: np.ndarray
     model: Any
     train_report: Any
+    train_part: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    val_part: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 def quick_config(config: Any) -> Any:
@@ -88,9 +91,10 @@ def quick_config(config: Any) -> Any:
 
 def setup_round(data: Path, config: Any, *, labeled: int, pool_limit: int | None, seed: int,
                 timer: Timer) -> RoundSetup:
-    """Load BCCD, draw `labeled` pool images (seeded) and train the task detector on them (timed as
-    "train")."""
+    """Load BCCD, draw `labeled` pool images (seeded) and train the task detector on them less the proxy's
+    validation part (`proxy.split_validation` with `config.seed`, timed as "train")."""
     from magral_core.datasets import load_dataset
+    from magral_core.method.proxy import split_validation
     from magral_core.vision.detectors import build_detector
     from magral_core.vision.engine import train_detector
 
@@ -102,13 +106,14 @@ def setup_round(data: Path, config: Any, *, labeled: int, pool_limit: int | None
         raise SystemExit(f"--labeled must be within [2, {len(pool) - 1}], found {labeled}")
     order = np.random.default_rng(seed + 1).permutation(len(pool))
     lab, unl = np.sort(order[:labeled]), np.sort(order[labeled:])
+    train_part, val_part = split_validation(lab, config.seed)
     model = build_detector(config.detector, num_classes=pool.num_classes, image_size=config.image_size,
                            weights_dir=config.weights_dir, seed=seed)
     with timer("train"):
-        report = train_detector(model, pool.subset(lab.tolist()), epochs=config.epochs,
+        report = train_detector(model, pool.subset(train_part.tolist()), epochs=config.epochs,
                                 batch_size=config.batch_size, learning_rate=config.learning_rate, seed=seed,
                                 device=config.device)
-    return RoundSetup(config, dataset, pool, lab, unl, model, report)
+    return RoundSetup(config, dataset, pool, lab, unl, model, report, train_part, val_part)
 
 
 @dataclass
@@ -244,8 +249,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             done.append(compute_record(spec, proxy))
             record_s.append(time.perf_counter() - start)
 
-    # A record job of the service (`round_steps.lut_record_step`) loads the round's saved proxy cache
-    # (written once by the round's first stage) into a fresh proxy and computes its record.
+    # A record job of the service (`service.magral_round.MagralRound.record`) loads the round's saved
+    # proxy cache (written once by the round's first stage) into a fresh proxy and computes its record.
     with tempfile.TemporaryDirectory() as tmp:
         proxy.save(Path(tmp) / "proxy_cache.pt")
         start = time.perf_counter()

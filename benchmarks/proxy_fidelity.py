@@ -1,36 +1,46 @@
-"""Proxy fidelity on BCCD: does the proxy's ΔmAP rank candidate batches as really labeling them does?
+"""Reward fidelity on BCCD: does a reward estimator rank candidate batches as really labeling them does?
 
-    OMP_NUM_THREADS=1 python -m benchmarks.proxy_fidelity [--quick] [--batches 8] [--seeds 0,1]
-                                                          [--proxy-seeds 0,1,2] [--json PATH]
+    OMP_NUM_THREADS=1 MAGRAL_IMAGE_SIZE=320 python -m benchmarks.proxy_fidelity [--quick] [--labeled 40]
+        [--seeds 0,1] [--estimators proxy,pseudo_label,retrospective] [--results DIR] [--json PATH]
 
 Round setup as in `benchmarks.lookup_table` (pool = BCCD `train`, seeded labeled set L, task detector trained
-on L with the configured schedule). Candidate batches S of `--budget` pool images: `--batches` uniformly
-random ones plus one chosen by each of `--strategies` (so the batches differ in kind, not only by chance).
+with the configured schedule on L less the proxy's validation part, `proxy.split_validation`). Candidate
+batches S of `--budget` pool images from mixed sources: `--batches` uniformly random ones, the top and the
+next-ranked by uncertainty (`entropy_max`), a core-set one (a fresh greedy start per batch), and the highest
+and lowest predicted object counts (top and next ranks), so the batches differ in kind, not only by chance.
 
-- proxy ΔmAP(S) = proxy(S) − proxy(∅), `proxy.make_proxy` as production computes it (validation part carved
-  from L), mean over `--proxy-seeds`;
-- real ΔmAP(S) = mAP(detector trained on L ∪ S with labels) − mAP(detector trained on L), both trained from
-  scratch with the task detector's schedule, mean over training `--seeds`, measured on BCCD's `val` split
+- estimator value(S): every estimator of `magral_core.method.rewards` (`--estimators`) on the same round,
+  paired (value(S) − value(∅) under the same seed, common random numbers), mean over `--proxy-seeds` seeds
+  (the retrospective surrogate is deterministic once its records are); seconds per record are timed apart
+  from the round's one-off caching;
+- label-free references: the batch's predicted object count (detections scoring >= 0.5) and summed
+  uncertainty (class entropy summed over its detections); the true object count is printed as an oracle;
+- real ΔmAP(S) = mAP(detector trained on L_train ∪ S with labels) − mAP(detector trained on L_train), both
+  trained from scratch with the round's schedule, per training seed (`--seeds`), on BCCD's `val` split
   (never `test`).
 
-Prints per batch both values, the batch's object count and the share of its proposals that the consistency
-loss counts (L_U active), then Spearman ρ(proxy Δ, real Δ), ρ(object
-count, real Δ) as a naive yardstick, and the noise of each side: the spread over seeds within a batch against
-the spread between batches. If the proxy's within-batch noise is as large as its between-batch spread, or ρ
-is near 0, the look-up table's reward carries no signal and MAGRAL cannot beat random selection.
+Prints Spearman ρ(value, real Δ) with a bootstrap 95% interval (batches resampled) per estimator and
+reference. Resumable: the estimator values and every real training (L size, batch, seed) are cached as
+atomic JSON under `--results`, and the table is rewritten (`--json`, with `complete: false` until every
+training is done) after each training, so a killed run continues where it stopped.
+
+Kept as one module because it is one benchmark command whose measurements share one round and one set of
+candidate batches.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.lookup_table import DEFAULT_DATA, bench_setup
+from benchmarks.lookup_table import DEFAULT_DATA, REPO, bench_setup
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -43,148 +53,266 @@ def noise(values: np.ndarray) -> dict[str, float]:
     return {"within": float(values.std(axis=1).mean()), "between": float(values.mean(axis=1).std())}
 
 
-def measure(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
+def rho(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman ρ; NaN for fewer than 3 values or a constant side."""
     from scipy.stats import spearmanr
 
-    from magral_core.method.proxy import consistency_mask, make_proxy
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+def bootstrap_rho(a: np.ndarray, b: np.ndarray, *, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of Spearman ρ over `draws` resamplings of the pairs (NaN draws dropped)."""
+    rng = np.random.default_rng(seed)
+    values = [rho(a[i], b[i]) for i in (rng.integers(len(a), size=len(a)) for _ in range(draws))]
+    finite = np.array([v for v in values if np.isfinite(v)])
+    if len(finite) == 0:
+        return float("nan"), float("nan")
+    return float(np.percentile(finite, 2.5)), float(np.percentile(finite, 97.5))
+
+
+def _read(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write(path: Path, data: Any) -> None:
+    from magral_core.atomic import write_text_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(data, indent=1))
+
+
+def candidate_batches(pool: Any, budget: int, n_random: int, seed: int) -> list[tuple[str, np.ndarray]]:
+    """(source, sorted Pool positions) of the mixed candidate batches (see module doc)."""
+    from magral_core.method.features import class_distributions, entropy
     from magral_core.method.strategies import make_strategy
-    from magral_core.simulation import DetectorLearner
+
+    n = len(pool)
+    rng = np.random.default_rng(seed + 2)
+    out = [("random", np.sort(rng.choice(n, budget, replace=False))) for _ in range(n_random)]
+    unc = np.array([entropy(class_distributions(d)).max() if len(d) else 0.0 for d in pool.detections])
+    count = np.array([float((np.asarray(d.scores) >= 0.5).sum()) for d in pool.detections])
+    shuffle = rng.permutation(n)  # ties broken at random, not by pool position
+    for name, key in (("uncertainty", -unc), ("count_high", -count), ("count_low", count)):
+        order = shuffle[np.argsort(key[shuffle], kind="stable")]
+        out += [(name, np.sort(order[:budget])), (f"{name}_next", np.sort(order[budget:2 * budget]))]
+    picks = make_strategy("coreset").rank(pool, 2 * budget, np.random.default_rng(seed))
+    out += [("coreset", np.sort([p.index for p in picks[:budget]])),
+            ("coreset_next", np.sort([p.index for p in picks[budget:2 * budget]]))]
+    seen: set[tuple[int, ...]] = set()
+    unique = []
+    for kind, batch in out:  # a source that repeats another's batch gives way to a random one
+        while tuple(batch) in seen:
+            kind, batch = "random", np.sort(rng.choice(n, budget, replace=False))
+        seen.add(tuple(batch))
+        unique.append((kind, batch))
+    return unique
+
+
+def batch_key(positions: np.ndarray) -> str:
+    return hashlib.sha1(",".join(str(int(i)) for i in np.sort(positions)).encode()).hexdigest()[:12]
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from magral_core.method.features import class_distributions, entropy
+    from magral_core.method.rewards import RewardRound, make_reward
+    from magral_core.method.strategies import Pool
     from magral_core.vision.detectors import build_detector
-    from magral_core.vision.engine import DecodedImageCache, predict, train_detector
+    from magral_core.vision.engine import DecodedImageCache, extract, predict, train_detector
     from magral_core.vision.evaluation import evaluate_coco
 
     setup = bench_setup(args)
-    config, timer, budget, settings, r = setup.config, setup.timer, setup.budget, setup.settings, setup.round
+    config, timer, budget, r = setup.config, setup.timer, setup.budget, setup.round
     n_random = args.batches if args.batches is not None else (2 if args.quick else 8)
-    strategies = [s for s in (args.strategies or ("entropy_max" if args.quick else "entropy_max,coreset"))
-                  .split(",") if s]
-    seeds = _ints(args.seeds) if args.seeds else (args.seed,)
-    proxy_seeds = _ints(args.proxy_seeds) if args.proxy_seeds else ((0,) if args.quick else (0, 1, 2))
+    seeds = _ints(args.seeds) if args.seeds else ((args.seed,) if args.quick else (0, 1))
+    proxy_seeds = _ints(args.proxy_seeds) if args.proxy_seeds else ((0,) if args.quick else (0, 1))
+    estimators = [e for e in args.estimators.split(",") if e]
     val = r.dataset.split("val")
     val_limit = args.val_limit or (30 if args.quick else None)
     if val_limit is not None:
         val = val.subset(range(min(val_limit, len(val))))
     val_cache = DecodedImageCache(val, config.image_size)
-    print(f"pool={len(r.pool)} labeled={len(r.labeled)} val={len(val)} image_size={config.image_size} "
-          f"epochs={config.epochs} budget={budget} seeds={seeds} proxy_seeds={proxy_seeds} "
-          f"threads={torch.get_num_threads()}", flush=True)
+    tag = f"L{len(r.labeled)}{'_quick' if args.quick else ''}"
+    results = args.results / tag
+    print(f"pool={len(r.pool)} labeled={len(r.labeled)} (detector {len(r.train_part)}, proxy val "
+          f"{len(r.val_part)}) val={len(val)} image_size={config.image_size} epochs={config.epochs} "
+          f"budget={budget} seeds={seeds} estimator seeds={proxy_seeds} threads={torch.get_num_threads()}",
+          flush=True)
 
-    rng = np.random.default_rng(args.seed + 2)
-    batches: list[tuple[str, np.ndarray]] = [
-        ("random", np.sort(rng.choice(len(r.unlabeled), budget, replace=False))) for _ in range(n_random)
-    ]
-    if strategies:
-        learner = DetectorLearner(r.pool, val, config)
-        with timer("features"):
-            pool = learner.pool(r.model, r.unlabeled, r.labeled)
-        for name in strategies:
-            picks = make_strategy(name).rank(pool, budget, np.random.default_rng(args.seed))
-            batches.append((name, np.sort([p.index for p in picks[:budget]])))
+    train_set = r.pool.subset(r.train_part.tolist())
+    with timer("features"):
+        detections, embeddings = extract(r.model, r.pool.subset(r.unlabeled.tolist()),
+                                         score_threshold=config.score_threshold)
+        lab_det, lab_emb = extract(r.model, train_set, score_threshold=config.score_threshold)
+    pool = Pool(embeddings, tuple(detections), lab_emb)
+    batches = candidate_batches(pool, budget, n_random, args.seed)
 
-    proxy = make_proxy(r.model, r.pool, r.labeled, r.unlabeled, settings, seed=config.seed)
+    count = np.array([sum(float((np.asarray(pool.detections[int(i)].scores) >= 0.5).sum()) for i in b)
+                      for _, b in batches])
+    uncertainty = np.array([sum(float(entropy(class_distributions(pool.detections[int(i)])).sum())
+                                for i in b) for _, b in batches])
+    objects = np.array([sum(len(r.pool.images[int(i)].labels) for i in r.unlabeled[b]) for _, b in batches])
 
-    @torch.no_grad()
-    def active(batch: np.ndarray) -> float:
-        # share of the batch's proposals the consistency loss counts under the task detector's head: near 0,
-        # L_U vanishes and the proxy cannot tell batches apart
-        predictor = r.model.roi_heads.box_predictor
-        shares = []
-        for i in batch:
-            f = proxy.pool[int(i)]
-            rois = settings.unlabeled_rois
-            a, b = predictor(f.reps[:rois]), predictor(f.reps_flip[:rois])
-            shares.append(float(consistency_mask(a[0], b[0]).float().mean()))
-        return float(np.mean(shares))
+    # --- estimators (cheap; cached as one file per estimator) ---
+    round_ = RewardRound(r.model, train_set, r.pool.subset(r.val_part.tolist()),
+                         r.pool.subset(r.unlabeled.tolist()), tuple(detections), embeddings, tuple(lab_det),
+                         lab_emb)
+    keys = [batch_key(b) for _, b in batches]
+    values: dict[str, dict[str, Any]] = {}
+    for name in estimators:
+        path = results / f"estimator_{name}.json"
+        done = _read(path)
+        if done is None or done["keys"] != keys:
+            start = time.perf_counter()
+            reward = make_reward(name, round_, budget=budget, score_threshold=config.score_threshold,
+                                 seed=proxy_seeds[0], noise_seeds=len(proxy_seeds), paired=True)
+            first = reward(batches[0][1], 0)  # the round's one-off work (caching, references, records)
+            setup_s = time.perf_counter() - start
+            per, vals = [], [first]
+            for _, b in batches[1:]:
+                t = time.perf_counter()
+                vals.append(reward(b, 0))
+                per.append(time.perf_counter() - t)
+            record_s = float(np.median(per)) if per else float("nan")
+            done = {"keys": keys, "values": vals, "setup_s": setup_s - record_s, "record_s": record_s}
+            _write(path, done)
+        values[name] = done
+        print(f"  estimator {name}: {done['record_s']:.2f} s per record, one-off {done['setup_s']:.1f} s",
+              flush=True)
 
-    with timer("proxy"):
-        reference = np.array([proxy(np.zeros(0, np.int64), s) for s in proxy_seeds])
-        proxy_map = np.array([[proxy(b, s) for s in proxy_seeds] for _, b in batches])  # (K, P)
-    proxy_delta = proxy_map - reference[None, :]
-
+    # --- real gains (expensive; one file per (L size, batch, seed)) ---
     def val_map(model: Any) -> float:
         value = evaluate_coco(val, predict(model, val, score_threshold=config.score_threshold,
                                            cache=val_cache)).map
         return 0.0 if np.isnan(value) else float(value)
 
-    def trained(positions: np.ndarray, seed: int) -> Any:
-        model = build_detector(config.detector, num_classes=r.pool.num_classes, image_size=config.image_size,
-                               weights_dir=config.weights_dir, seed=seed)
-        train_detector(model, r.pool.subset(positions.tolist()), epochs=config.epochs,
-                       batch_size=config.batch_size, learning_rate=config.learning_rate, seed=seed,
-                       device=config.device)
-        return model
+    def real(positions: np.ndarray, key: str, seed: int) -> float | None:
+        path = results / f"real_{key}_seed{seed}.json"
+        cached = _read(path)
+        if cached is not None:
+            return float(cached["map"])
+        if args.estimators_only:
+            return None
+        start = time.perf_counter()
+        if seed == args.seed and key == "base":
+            model = r.model  # the round's detector is exactly this training
+        else:
+            model = build_detector(config.detector, num_classes=r.pool.num_classes,
+                                   image_size=config.image_size, weights_dir=config.weights_dir, seed=seed)
+            train_detector(model, r.pool.subset(positions.tolist()), epochs=config.epochs,
+                           batch_size=config.batch_size, learning_rate=config.learning_rate, seed=seed,
+                           device=config.device)
+        value = val_map(model)
+        _write(path, {"map": value, "seed": seed, "images": len(positions), "seconds":
+                      time.perf_counter() - start})
+        return value
 
-    real_map = np.zeros((len(batches), len(seeds)))
-    base = np.zeros(len(seeds))
-    with timer("retrain"):
-        for j, seed in enumerate(seeds):
-            base[j] = val_map(r.model if seed == args.seed else trained(r.labeled, seed))
-            for k, (kind, batch) in enumerate(batches):
-                real_map[k, j] = val_map(trained(np.union1d(r.labeled, r.unlabeled[batch]), seed))
-                print(f"  seed {seed} batch {k} ({kind}): val mAP {real_map[k, j]:.4f} "
-                      f"(L alone {base[j]:.4f})", flush=True)
-    real_delta = real_map - base[None, :]
-    objects = np.array([sum(len(r.pool.images[int(i)].labels) for i in r.unlabeled[b]) for _, b in batches])
+    def table(base: dict[int, float], real_map: dict[tuple[int, int], float]) -> dict[str, Any]:
+        done = [k for k in range(len(batches)) if any((k, s) in real_map for s in seeds)]
+        delta = np.array([np.mean([real_map[(k, s)] - base[s] for s in seeds if (k, s) in real_map])
+                          for k in done])
+        rows = {}
+        refs = {"predicted_count": count, "summed_uncertainty": uncertainty, "true_objects (oracle)": objects}
+        for name, column in [*((n, np.array(v["values"])) for n, v in values.items()), *refs.items()]:
+            a = np.asarray(column, float)[done]
+            low, high = bootstrap_rho(a, delta) if len(done) >= 3 else (float("nan"), float("nan"))
+            rows[name] = {"rho": rho(a, delta), "low": low, "high": high,
+                          "record_s": values[name]["record_s"] if name in values else 0.0,
+                          "setup_s": values[name]["setup_s"] if name in values else 0.0}
+        pairs = {k: [real_map[(k, s)] - base[s] for s in seeds if (k, s) in real_map] for k in done}
+        complete = len(real_map) == len(batches) * len(seeds)
+        within = [float(np.std(v)) for v in pairs.values() if len(v) > 1]
+        return {
+            "complete": complete, "quick": args.quick, "pool": len(r.pool), "labeled": len(r.labeled),
+            "detector_train": len(r.train_part), "proxy_val": len(r.val_part), "val": len(val),
+            "image_size": config.image_size, "epochs": config.epochs, "budget": budget, "seeds": list(seeds),
+            "estimator_seeds": list(proxy_seeds), "batches_done": len(done), "trainings_done": len(real_map),
+            "rho": rows,
+            "real_noise": {"within_seed_std": float(np.mean(within)) if within else float("nan"),
+                           "between_batch_std": float(np.std(delta)) if len(delta) else float("nan")},
+            "batches": [{"kind": batches[k][0], "indices": r.unlabeled[batches[k][1]].tolist(),
+                         "true_objects": int(objects[k]), "predicted_count": float(count[k]),
+                         "summed_uncertainty": float(uncertainty[k]),
+                         "estimators": {n: v["values"][k] for n, v in values.items()},
+                         "real_delta": pairs.get(k, [])} for k in range(len(batches))],
+            "real_base": {str(s): v for s, v in base.items()},
+            "seconds": dict(timer.wall),
+        }
 
-    def rho(a: np.ndarray, b: np.ndarray) -> float:
-        if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
-            return float("nan")
-        return float(spearmanr(a, b).statistic)
-
-    return {
-        "quick": args.quick, "pool": len(r.pool), "labeled": len(r.labeled), "val": len(val),
-        "image_size": config.image_size, "epochs": config.epochs, "budget": budget, "seeds": list(seeds),
-        "proxy_seeds": list(proxy_seeds), "proxy_epochs": settings.epochs,
-        "batches": [{"kind": kind, "indices": r.unlabeled[b].tolist(), "objects": int(n),
-                     "consistency_active": active(b), "proxy_delta": pd.tolist(), "real_delta": rd.tolist()}
-                    for (kind, b), n, pd, rd in zip(batches, objects, proxy_delta, real_delta, strict=True)],
-        "proxy_reference": reference.tolist(), "real_base": base.tolist(),
-        "spearman_proxy_real": rho(proxy_delta.mean(1), real_delta.mean(1)),
-        "spearman_objects_real": rho(objects.astype(float), real_delta.mean(1)),
-        "proxy_noise": noise(proxy_delta), "real_noise": noise(real_delta),
-        "seconds": dict(timer.wall),
-    }
+    base: dict[int, float] = {}
+    real_map: dict[tuple[int, int], float] = {}
+    result = table(base, real_map)
+    for seed in seeds:
+        value = real(r.train_part, "base", seed)
+        if value is None:
+            continue
+        base[seed] = value
+        for k, (kind, b) in enumerate(batches):
+            with timer("retrain"):
+                value = real(np.union1d(r.train_part, r.unlabeled[b]), keys[k], seed)
+            if value is None:
+                continue
+            real_map[(k, seed)] = value
+            print(f"  seed {seed} batch {k} ({kind}): val mAP {value:.4f} (L alone {base[seed]:.4f})",
+                  flush=True)
+            result = table(base, real_map)
+            if args.json:
+                _write(args.json, result)
+    return result
 
 
 def print_result(result: dict[str, Any]) -> None:
-    print("batch kind          objects  L_U active  proxy ΔmAP  real ΔmAP")
+    print(f"L={result['labeled']} (detector {result['detector_train']}, proxy val {result['proxy_val']}), "
+          f"B={result['budget']}, {result['batches_done']} batches with real gains "
+          f"({result['trainings_done']} trainings{'' if result['complete'] else ', incomplete'})")
+    print("batch kind             true obj  pred count  real ΔmAP  " + "  ".join(
+        f"{n[:13]:>13s}" for n in result["batches"][0]["estimators"]))
     for k, b in enumerate(result["batches"]):
-        print(f"{k:5d} {b['kind']:13s} {b['objects']:7d} {b['consistency_active']:10.3f} "
-              f"{np.mean(b['proxy_delta']):+11.5f} {np.mean(b['real_delta']):+10.5f}")
-    print(f"Spearman rho(proxy, real) = {result['spearman_proxy_real']:.3f}; "
-          f"rho(objects, real) = {result['spearman_objects_real']:.3f} over {len(result['batches'])} batches")
-    for side in ("proxy", "real"):
-        n = result[f"{side}_noise"]
-        print(f"{side} ΔmAP: within-batch (seed) std {n['within']:.4f}, between-batch std {n['between']:.4f}")
-    print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result["seconds"].items()))
+        delta = f"{np.mean(b['real_delta']):+9.4f}" if b["real_delta"] else "        -"
+        print(f"{k:5d} {b['kind']:16s} {b['true_objects']:8d} {b['predicted_count']:11.0f} {delta}  "
+              + "  ".join(f"{v:+13.5f}" for v in b["estimators"].values()))
+    print("estimator / reference     Spearman rho  [bootstrap 95%]   s/record  one-off s")
+    for name, row in result["rho"].items():
+        print(f"  {name:24s} {row['rho']:+6.3f}  [{row['low']:+.2f}, {row['high']:+.2f}]  "
+              f"{row['record_s']:9.2f}  {row['setup_s']:9.1f}")
+    n = result["real_noise"]
+    print(f"real ΔmAP: std over training seeds {n['within_seed_std']:.4f}, between batches "
+          f"{n['between_batch_std']:.4f}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true",
-                        help="small images, short schedules, 60-image pool, 3 batches: checks that it runs")
+                        help="small images, short schedules, 60-image pool, few batches: checks that it runs")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="BCCD root (COCO JSON with splits)")
     parser.add_argument("--labeled", type=int, default=None, help="labeled images (default 30, quick 20)")
     parser.add_argument("--budget", type=int, default=None, help="batch size (default: config, quick 5)")
     parser.add_argument("--batches", type=int, default=None, help="random batches (default 8, quick 2)")
-    parser.add_argument("--strategies", default=None,
-                        help="one more batch per strategy (default entropy_max,coreset; quick entropy_max)")
+    parser.add_argument("--strategies", default=None, help="ignored; the sources are fixed (module doc)")
     parser.add_argument("--seeds", default=None,
-                        help="detector training seeds, comma-separated (default: --seed)")
-    parser.add_argument("--proxy-seeds", default=None, help="proxy seeds (default 0,1,2; quick 0)")
+                        help="detector training seeds, comma-separated (default 0,1; quick: --seed)")
+    parser.add_argument("--proxy-seeds", default=None, help="estimator seeds (default 0,1; quick 0)")
+    parser.add_argument("--estimators", default="proxy,pseudo_label,retrospective",
+                        help="reward estimators (magral_core.method.rewards.REWARDS), comma-separated")
+    parser.add_argument("--estimators-only", action="store_true",
+                        help="no new real trainings: estimator values and the cached real gains only")
+    parser.add_argument("--results", type=Path, default=REPO / "results" / "reward_fidelity",
+                        help="cache of estimator values and real trainings (resumable)")
     parser.add_argument("--pool-limit", type=int, default=None,
                         help="random subset of the pool (default: all of train, quick 60)")
     parser.add_argument("--val-limit", type=int, default=None,
                         help="first images of the val split (default: all, quick 30)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--json", type=Path, help="write the table here (after every real training)")
     args = parser.parse_args(argv)
     result = measure(args)
     print_result(result)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
+        _write(args.json, result)
 
 
 if __name__ == "__main__":

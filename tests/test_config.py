@@ -123,3 +123,10 @@ def test_a_wrong_name_stops_serve_and_worker_at_start_up_with_one_line(
     assert main([command]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "MAGRAL_DETECTOR" in lines[0] and "frcnn_mobilenet_v2" in lines[0]
+
+
+def test_unknown_reward_names_the_variable_the_value_and_the_choices() -> None:
+    assert Config.from_env({"MAGRAL_REWARD": "retrospective"}).reward == "retrospective"
+    with pytest.raises(ConfigError, match=r"MAGRAL_REWARD must be one of proxy, pseudo_label, "
+                                          r"retrospective; found 'oracle'"):
+        Config.from_env({"MAGRAL_REWARD": "oracle"})

@@ -312,6 +312,15 @@ def carve_validation(labeled: np.ndarray, fraction: float, seed: int) -> tuple[n
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
+def split_validation(labeled: np.ndarray, seed: int, fraction: float = ProxySettings.val_fraction
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) positions of a round's labeled set: the one split the simulator, the benchmarks and the
+    proxy share. The task detector is trained on `train` only and the proxy measures on `val`, so the
+    proxy's frozen parts were never fit to its validation images (the service holds its validation tasks
+    out of training the same way, `rounds.prepare`). `carve_validation` with the proxy's default share."""
+    return carve_validation(labeled, fraction, seed)
+
+
 ProxyFn = Callable[[np.ndarray, int], float]
 
 
@@ -395,8 +404,9 @@ def make_proxy(
     *,
     seed: int = 0,
 ) -> CachedProxy:
-    """`proxy_for` with the validation part carved (seeded) from the `labeled` positions of `dataset`;
-    `batch` positions index `unlabeled`."""
-    train, val = carve_validation(labeled, settings.val_fraction, seed)
+    """`proxy_for` with the validation part carved (seeded, `split_validation`) from the `labeled` positions
+    of `dataset`; `batch` positions index `unlabeled`. `model` must have been trained on the split's train
+    part only (`split_validation(labeled, seed, settings.val_fraction)[0]`)."""
+    train, val = split_validation(labeled, seed, settings.val_fraction)
     return proxy_for(model, dataset.subset(train.tolist()), dataset.subset(np.asarray(unlabeled).tolist()),
                      dataset.subset(val.tolist()), settings)

@@ -1,9 +1,11 @@
 """`DetectorLearner`: the protocol's `Learner` backed by the configured detector on a fully labeled dataset.
 
-`train` builds a fresh detector (seeded) and trains it on the labeled pool images with the configured
-schedule; `pool` runs one `extract` pass over the unlabeled and the labeled pool images; `proxy` is
-`magral_core.method.proxy.make_proxy` on a validation part carved from the labeled images, with the candidate
-batch unlabeled. Only `evaluate` reads the test split. Heavy modules are imported on first use.
+`train` builds a fresh detector (seeded) and trains it with the configured schedule on the labeled pool
+images less the proxy's validation part (`proxy.split_validation`, as the service holds its validation tasks
+out of training); `pool` runs one `extract` pass over the unlabeled and the labeled pool images; `proxy` is
+the configured reward (`magral_core.method.rewards`, `Config.reward`; the paper's proxy by default) on that
+validation part, with the candidate batch unlabeled. Only `evaluate` reads the test split. Heavy modules
+are imported on first use.
 """
 
 from __future__ import annotations
@@ -30,14 +32,22 @@ class DetectorLearner:
     def pool_size(self) -> int:
         return len(self.pool_data)
 
+    def split(self, labeled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(train, val) positions of `labeled`: the detector trains on the first, the proxy measures on the
+        second."""
+        from magral_core.method.proxy import split_validation
+
+        return split_validation(labeled, self.config.seed)
+
     def train(self, labeled: np.ndarray, *, seed: int) -> Any:
         from magral_core.vision.detectors import build_detector
         from magral_core.vision.engine import train_detector
 
+        train, _ = self.split(labeled)
         model = build_detector(self.config.detector, num_classes=self.pool_data.num_classes,
                                image_size=self.config.image_size, weights_dir=self.config.weights_dir,
                                seed=seed)
-        train_detector(model, self.pool_data.subset(np.asarray(labeled).tolist()), epochs=self.config.epochs,
+        train_detector(model, self.pool_data.subset(train.tolist()), epochs=self.config.epochs,
                        batch_size=self.config.batch_size, learning_rate=self.config.learning_rate, seed=seed,
                        device=self.config.device)
         return model
@@ -59,7 +69,16 @@ class DetectorLearner:
         return Pool(embeddings, tuple(detections), labeled_embeddings)
 
     def proxy(self, state: Any, labeled: np.ndarray, unlabeled: np.ndarray) -> ProxyFn | None:
-        from magral_core.method.proxy import ProxySettings, make_proxy
+        from magral_core.method.rewards import RewardRound, make_reward, needs_detections
+        from magral_core.vision.engine import extract
 
-        settings = ProxySettings(score_threshold=self.config.score_threshold)
-        return make_proxy(state, self.pool_data, labeled, unlabeled, settings, seed=self.config.seed)
+        train, val = self.split(labeled)
+        pool, labeled_set = self.pool_data.subset(unlabeled.tolist()), self.pool_data.subset(train.tolist())
+        round_ = RewardRound(state, labeled_set, self.pool_data.subset(val.tolist()), pool)
+        if needs_detections(self.config.reward):  # label-free detector outputs, pool and labeled images
+            pool_det, pool_emb = extract(state, pool, score_threshold=self.config.score_threshold)
+            lab_det, lab_emb = extract(state, labeled_set, score_threshold=self.config.score_threshold)
+            round_ = RewardRound(state, labeled_set, round_.val, pool, tuple(pool_det), pool_emb,
+                                 tuple(lab_det), lab_emb)
+        return make_reward(self.config.reward, round_, budget=self.config.budget,
+                           score_threshold=self.config.score_threshold, seed=self.config.seed)

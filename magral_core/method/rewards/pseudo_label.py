@@ -1,0 +1,58 @@
+"""[ours] Pseudo-label look-ahead: the value of a batch is the validation mAP after its images enter as
+labeled with the current detector's confident predictions.
+
+The round's detector is frozen up to the box head's fc6 (`heads.TailFeatures`, computed once per image and
+cached); a record trains the tail (fc7 + box predictor, from the detector's weights) on the labeled training
+images with their true boxes plus the batch's images with their pseudo boxes (detections scoring at least
+`threshold`), then measures COCO mAP on the validation part. Cost per record: one head training on cached
+features plus one pass of the tail over the validation images; the caching is one backbone pass per image
+(and its flip) for the round. The batch's true labels are never read: the pool's images enter through the
+detections handed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from magral_core.method.rewards.heads import HeadSettings, TailFeatures, tail_map, train_tail
+from magral_core.structures import AnnotatedImage, DetectionDataset, Detections
+
+
+def pseudo_labeled(pool: DetectionDataset, detections: Sequence[Detections], threshold: float
+                   ) -> DetectionDataset:
+    """`pool` with every image's boxes replaced by its detections scoring >= `threshold` (its own boxes,
+    if any, dropped). Raises ValueError when the counts differ."""
+    if len(detections) != len(pool):
+        raise ValueError(f"expected one Detections per pool image ({len(pool)}), found {len(detections)}")
+    images: list[AnnotatedImage] = []
+    for image, det in zip(pool.images, detections, strict=True):
+        keep = np.asarray(det.scores) >= threshold
+        images.append(replace(image, boxes_xyxy=np.asarray(det.boxes_xyxy, np.float32).reshape(-1, 4)[keep],
+                              labels=np.asarray(det.labels, np.int64)[keep],
+                              iscrowd=np.zeros(int(keep.sum()), bool)))
+    return replace(pool, images=tuple(images))
+
+
+class PseudoLabelReward:
+    """`evaluate(indices, seed) -> mAP` of the tail trained on the labeled images + pseudo-labeled pool
+    images at `indices` (positions in `pool`), on `val`."""
+
+    def __init__(self, model: Any, labeled: DetectionDataset, pool: DetectionDataset,
+                 pool_detections: Sequence[Detections], val: DetectionDataset, *, threshold: float = 0.5,
+                 settings: HeadSettings | None = None) -> None:
+        self.model, self.settings = model, settings or HeadSettings()
+        self.labeled = TailFeatures(model, labeled)
+        self.pool = TailFeatures(model, pseudo_labeled(pool, pool_detections, threshold))
+        self.val = TailFeatures(model, val)
+
+    def __call__(self, indices: np.ndarray, seed: int) -> float:
+        labeled = [self.labeled.targets(i) for i in range(len(self.labeled.dataset))]
+        extra = [self.pool.targets(int(i)) for i in np.asarray(indices).reshape(-1)]
+        tail = train_tail(self.model, labeled, extra, self.settings, seed=seed)
+        return tail_map(tail, self.val, self.settings.score_threshold)
+
+    evaluate = __call__
