@@ -164,9 +164,33 @@ class Config:
     download_timeout: float = field(default=30.0, metadata={"env": "MAGRAL_DOWNLOAD_TIMEOUT"})
     """Seconds allowed for one image download or Label Studio API call. Default 30."""
 
-    allowed_image_hosts: str = field(default="*", metadata={"env": "MAGRAL_ALLOWED_IMAGE_HOSTS"})
-    """Hosts that task image URLs outside Label Studio may point to (server-side requests): "*" = any,
-    "none" = Label Studio only, else comma-separated `host` or `host:port`. Default "*"."""
+    allowed_image_hosts: str = field(default="none", metadata={"env": "MAGRAL_ALLOWED_IMAGE_HOSTS"})
+    """Where task image URLs may lead beyond Label Studio (server-side requests, checked on the resolved
+    addresses of every redirect hop): "none" = Label Studio only (and the public hosts its presign redirects
+    lead to); comma-separated entries: "*" = any public host, `host` or `host:port` (allowed whatever it
+    resolves to, private included), an address or a network (`10.0.0.0/8`). Loopback, link-local and private
+    addresses are refused unless named. Default "none"."""
+
+    studio_attempts: int = field(default=4, metadata={"env": "MAGRAL_STUDIO_ATTEMPTS"})
+    """Tries of an idempotent Label Studio API call (GET, PATCH, DELETE) while Label Studio is unreachable or
+    answers 408/429/5xx; 1 = no retry. Default 4."""
+
+    studio_backoff: float = field(default=0.5, metadata={"env": "MAGRAL_STUDIO_BACKOFF"})
+    """Seconds before the second try of a Label Studio API call, doubled for each further try. Default 0.5."""
+
+    studio_max_backoff: float = field(default=8.0, metadata={"env": "MAGRAL_STUDIO_MAX_BACKOFF"})
+    """Longest wait in seconds between two tries of a Label Studio API call. Default 8."""
+
+    studio_page_size: int = field(default=100, metadata={"env": "MAGRAL_STUDIO_PAGE_SIZE"})
+    """Tasks per Label Studio listing request (the tasks of one page are in memory at a time). Default 100."""
+
+    prediction_chunk: int = field(default=1000, metadata={"env": "MAGRAL_PREDICTION_CHUNK"})
+    """Predictions per Label Studio import request; each chunk's created count is checked and a failed
+    chunk is sent once more. Default 1000."""
+
+    keep_prediction_versions: int = field(default=1, metadata={"env": "MAGRAL_KEEP_PREDICTION_VERSIONS"})
+    """Previous model versions whose predictions stay in Label Studio when a version is published (the
+    current one always stays; older ones are deleted); 0 = the current version only. Default 1."""
 
     image_cache_bytes: int = field(default=4 * 1024**3, metadata={"env": "MAGRAL_IMAGE_CACHE_BYTES"})
     """Bytes of downloaded task images kept under `<home>/images`; least recently used go first.
@@ -219,12 +243,26 @@ class Config:
                 )
         positive = ("image_size", "epochs", "batch_size", "budget", "lut_records", "lut_neighbours",
                     "processes_per_machine", "max_request_bytes", "max_image_bytes", "max_image_pixels",
-                    "image_cache_bytes", "round_timeout")
+                    "image_cache_bytes", "round_timeout", "studio_attempts", "studio_page_size",
+                    "prediction_chunk")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, found {getattr(self, name)}")
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0, found {self.threads}")
+        if self.keep_prediction_versions < 0:
+            raise ConfigError(
+                f"{_env_name('keep_prediction_versions')} must be >= 0, found {self.keep_prediction_versions}"
+            )
+        for name in ("studio_backoff", "studio_max_backoff"):
+            if not 0.0 <= getattr(self, name) <= 600.0:
+                raise ConfigError(f"{_env_name(name)} must be within [0, 600] s, found {getattr(self, name)}")
+        if self.studio_backoff > self.studio_max_backoff:
+            raise ConfigError(
+                f"{_env_name('studio_backoff')} ({self.studio_backoff}) must be <= "
+                f"{_env_name('studio_max_backoff')} ({self.studio_max_backoff})"
+            )
+
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(
                 f"{_env_name('device')} must be 'cpu', 'cuda' or 'cuda:<index>'; found {self.device!r}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import json
 import os
 import threading
 import time
@@ -32,7 +33,8 @@ from magral_core.studio import (
     is_personal_access_token,
     parse_allowed_hosts,
 )
-from magral_core.studio.downloads import cache_name, host_allowed, resolve_image
+from magral_core.studio.downloads import cache_name, resolve_image
+from magral_core.studio.retry import RetryPolicy
 
 # label-studio-sdk 2.1.2 refreshes tokens through pydantic's deprecated parse_obj.
 pytestmark = pytest.mark.filterwarnings("ignore:The `parse_obj` method is deprecated:DeprecationWarning")
@@ -73,6 +75,9 @@ class FakeStudio:
     imported: list[list[dict[str, Any]]] = field(default_factory=list)
     url: str = ""
     presign_to: str = ""  # origin the presign endpoint redirects to (default: its own)
+    outages: dict[str, int] = field(default_factory=dict)  # "METHOD /path" → how many 503s to answer first
+    import_drops: int = 0  # import requests that store their predictions but answer 502 (lost answers)
+    predictions: list[dict[str, Any]] = field(default_factory=list)  # {"id", "task", "model_version"}
 
     def authorized(self) -> bool:
         header = request.headers.get("Authorization", "")
@@ -96,6 +101,10 @@ def _app(studio: FakeStudio) -> Flask:
         open_paths = ("/api/token/refresh/", "/external/")
         if not request.path.startswith(open_paths) and not studio.authorized():
             return _denied()
+        key = f"{request.method} {request.path}"
+        if studio.outages.get(key, 0) > 0:
+            studio.outages[key] -= 1
+            return Response("<html>503 Service Unavailable</html>", status=503)
         return None
 
     @app.post("/api/token/refresh/")
@@ -128,12 +137,15 @@ def _app(studio: FakeStudio) -> Flask:
         if request.args.get("project") != "1":
             return jsonify({"status_code": 404, "detail": "No Project matches the given query."}), 404
         page, size = int(request.args.get("page", 1)), int(request.args.get("page_size", 100))
-        chunk = studio.tasks[(page - 1) * size : page * size]
+        pool = studio.tasks
+        if "query" in request.args:  # the data manager's selection, as Label Studio reads it
+            included = set(json.loads(request.args["query"])["selectedItems"]["included"])
+            pool = [t for t in studio.tasks if t["id"] in included]
+        pool = [{**t, "predictions": [p for p in studio.predictions if p["task"] == t["id"]]} for t in pool]
+        chunk = pool[(page - 1) * size : page * size]
         if page > 1 and not chunk:
             return jsonify({"status_code": 404, "detail": "Invalid page.", "exc_info": None}), 404
-        return jsonify(
-            {"tasks": chunk, "total": len(studio.tasks), "total_annotations": 0, "total_predictions": 0}
-        )
+        return jsonify({"tasks": chunk, "total": len(pool), "total_annotations": 0, "total_predictions": 0})
 
     @app.post("/api/projects/<int:pid>/import/predictions")
     def import_predictions(pid: int) -> Any:
@@ -141,7 +153,31 @@ def _app(studio: FakeStudio) -> Flask:
         studio.imported.append(body)
         if studio.import_status != 201:
             return Response("<html><body>Server Error (500)</body></html>", status=studio.import_status)
-        return jsonify({"created": len(body) - studio.created_shortfall}), 201
+        kept = body[: len(body) - studio.created_shortfall]
+        for item in kept:
+            studio.predictions.append(
+                {"id": len(studio.predictions) + 1, "task": item["task"], "model_version": item["model_version"]}
+            )
+        if studio.import_drops > 0:  # stored, but the answer is lost on the way
+            studio.import_drops -= 1
+            return Response("<html>502 Bad Gateway</html>", status=502)
+        return jsonify({"created": len(kept)}), 201
+
+    @app.get("/api/projects/<int:pid>/model-versions/")
+    def model_versions(pid: int) -> Any:
+        counts: dict[str, int] = {}
+        for p in reversed(studio.predictions):  # most recently created first
+            counts[p["model_version"]] = counts.get(p["model_version"], 0) + 1
+        return jsonify(counts)
+
+    @app.delete("/api/projects/<int:pid>/model-versions/")
+    def delete_version(pid: int) -> Any:
+        version = (request.get_json() or {}).get("model_version")
+        if not version:
+            return jsonify({"detail": "model_version param is required"}), 400
+        before = len(studio.predictions)
+        studio.predictions = [p for p in studio.predictions if p["model_version"] != version]
+        return jsonify({"deleted_predictions": before - len(studio.predictions)})
 
     @app.get("/api/webhooks/")
     def webhooks() -> Any:
@@ -223,7 +259,12 @@ def external() -> Iterator[str]:
 
 
 def _client(studio: FakeStudio, tmp_path: Path, api_key: str = LEGACY, **kwargs: Any) -> LabelStudioClient:
-    options: dict[str, Any] = {"timeout": 5.0, "max_image_bytes": 4000, "max_image_pixels": 1000}
+    options: dict[str, Any] = {
+        "timeout": 5.0,
+        "max_image_bytes": 4000,
+        "max_image_pixels": 1000,
+        "sleep": lambda seconds: None,
+    }
     options.update(kwargs)
     return LabelStudioClient(url=studio.url, api_key=api_key, cache_dir=tmp_path / "images", **options)
 
@@ -267,15 +308,8 @@ def test_resolve_image_and_policy() -> None:
     for bad in ("", "file:///etc/passwd", "data:image/png;base64,AAAA", "relative/path.png"):
         with pytest.raises(ImageFetchError, match="expected an image URL"):
             resolve_image(bad, base_url=base, task_id=1)
-    assert parse_allowed_hosts("*") is None
-    assert parse_allowed_hosts("none") == ()
-    assert parse_allowed_hosts(" A.org, b.org:8000 ,") == ("a.org", "b.org:8000")
-    assert host_allowed("http://anything/x", None, base)
-    assert host_allowed("http://ls:8080/x", (), base)
-    assert not host_allowed("http://ls:9999/x", (), base)
-    assert host_allowed("https://a.org/x", ("a.org",), base)
-    assert host_allowed("http://b.org:8000/x", ("b.org:8000",), base)
-    assert not host_allowed("http://b.org/x", ("b.org:8000",), base)
+    assert parse_allowed_hosts("*").any_public
+    assert parse_allowed_hosts(" A.org, b.org:8000 ,").hosts == {"a.org", "b.org:8000"}
     assert cache_name("http://h/a/b.JPG?x=1").endswith(".jpg")
     assert len(cache_name("s3://b/noext")) == 64
 
@@ -313,7 +347,7 @@ def test_list_tasks_pages_through_all(studio: FakeStudio, tmp_path: Path) -> Non
     assert tasks[2].annotations[1].updated_at == "2026-01-02T00:00:00Z"
     assert tasks[2].annotations[0].result[0]["value"]["rectanglelabels"] == ["RBC"]
     pages = [path for method, path, _ in studio.requests if path.startswith("/api/tasks/")]
-    assert len(pages) == 4  # 3 + 3 + 1, then the 404 past the end
+    assert len(pages) == 3  # 3 + 3 + 1: the total says when to stop
     assert all("page_size=3" in p and "fields=all" in p for p in pages)
     assert all(auth == f"Token {LEGACY}" for _, _, auth in studio.requests)
     assert client.list_tasks(1, image_key="nothing")[0].image == ""
@@ -333,7 +367,7 @@ def test_unknown_project_and_unreachable_server(studio: FakeStudio, tmp_path: Pa
         timeout=1,
         max_image_bytes=1,
         max_image_pixels=1,
-        retries=0,
+        retry=RetryPolicy(attempts=1),
     )
     with pytest.raises(LabelStudioError, match=r"cannot reach http://127.0.0.1:9") as refused:
         dead.get_project(1)
@@ -418,13 +452,19 @@ def test_import_predictions_created_mismatch(studio: FakeStudio, tmp_path: Path)
         )
 
 
-def test_import_predictions_server_error_is_not_retried(studio: FakeStudio, tmp_path: Path) -> None:
+def test_import_predictions_server_error_is_resent_once_after_a_check(
+    studio: FakeStudio, tmp_path: Path
+) -> None:
     studio.import_status = 500
+    studio.tasks = [_task(1)]
     client = _client(studio, tmp_path)
     with pytest.raises(LabelStudioError, match=r"HTTP 500: <html><body>Server Error \(500\)") as info:
         client.import_predictions(1, [{"task": 1, "result": [], "score": 0.5, "model_version": "v"}])
     assert info.value.status == 500
-    assert len(studio.imported) == 1  # a retried POST could create the predictions twice
+    # Sent twice, with a look at what the task already has in between (a blind retry could create twice).
+    methods = [(m, path.split("?")[0]) for m, path, _ in studio.requests]
+    post = ("POST", "/api/projects/1/import/predictions")
+    assert methods == [post, ("GET", "/api/tasks/"), post]
 
 
 def test_serve_in_ranked_order(studio: FakeStudio, tmp_path: Path) -> None:
@@ -493,7 +533,9 @@ def test_fetch_image_timeout(studio: FakeStudio, tmp_path: Path) -> None:
 
 def test_fetch_image_cloud_uri_through_presign(studio: FakeStudio, tmp_path: Path, external: str) -> None:
     studio.presign_to = external
-    client = _client(studio, tmp_path, allowed_hosts=())  # restricted: the presign redirect is still followed
+    # The storage host of this test is on loopback, so it must be named; a public one would not need to be
+    # (see test_cloud_uri_presign_to_a_private_address_is_refused).
+    client = _client(studio, tmp_path, allowed_hosts=f"127.0.0.1:{external.rsplit(':', 1)[1]}")
     path = client.fetch_image("s3://bucket/dir/ok.png", task_id=9)
     assert read_image_rgb(path).shape == (6, 8, 3)
     assert path.name == cache_name("s3://bucket/dir/ok.png")
@@ -503,28 +545,26 @@ def test_fetch_image_cloud_uri_through_presign(studio: FakeStudio, tmp_path: Pat
 
 
 def test_fetch_image_foreign_hosts(studio: FakeStudio, tmp_path: Path, external: str) -> None:
-    open_client = _client(studio, tmp_path / "a")
-    assert read_image_rgb(open_client.fetch_image(f"{external}/external/ok.png", task_id=1)).shape == (
-        6,
-        8,
-        3,
-    )
-    hop = f"{external}/external/hop?to={external}/external/ok.png"
-    assert read_image_rgb(open_client.fetch_image(hop, task_id=1)).shape == (6, 8, 3)
-    closed = _client(studio, tmp_path / "b", allowed_hosts=())
-    with pytest.raises(ImageFetchError, match="is not allowed"):
-        closed.fetch_image(f"{external}/external/ok.png", task_id=1)
-    # An allowed host that redirects to one that is not ("localhost" is another host name than 127.0.0.1).
     port = external.rsplit(":", 1)[1]
-    listed = _client(studio, tmp_path / "c", allowed_hosts=(f"127.0.0.1:{port}",))
+    default = _client(studio, tmp_path / "a")  # Label Studio only
+    with pytest.raises(ImageFetchError, match=r"127.0.0.1, a loopback address.*MAGRAL_ALLOWED_IMAGE_HOSTS"):
+        default.fetch_image(f"{external}/external/ok.png", task_id=1)
+    public = _client(studio, tmp_path / "b", allowed_hosts="*")  # any public host: still not loopback
+    with pytest.raises(ImageFetchError, match=r"loopback address"):
+        public.fetch_image(f"{external}/external/ok.png", task_id=1)
+    listed = _client(studio, tmp_path / "c", allowed_hosts=f"127.0.0.1:{port}")
+    assert read_image_rgb(listed.fetch_image(f"{external}/external/ok.png", task_id=1)).shape == (6, 8, 3)
+    hop = f"{external}/external/hop?to={external}/external/b.png"
     assert listed.fetch_image(hop, task_id=1).is_file()
-    with pytest.raises(ImageFetchError, match=r"redirected to http://localhost:.* not allowed"):
-        listed.fetch_image(f"{external}/external/hop?to=http://localhost:{port}/external/b.png", task_id=1)
+    # An allowed address that redirects to another port of loopback, which is not allowed.
+    with pytest.raises(ImageFetchError, match=r"redirected to http://localhost:9/.*host localhost resolves to"):
+        listed.fetch_image(f"{external}/external/hop?to=http://localhost:9/external/c.png", task_id=1)
 
 
 def test_cache_evicts_least_recently_used(studio: FakeStudio, tmp_path: Path, external: str) -> None:
     size = len(_png())
-    client = _client(studio, tmp_path, cache_bytes=int(2.5 * size))
+    port = external.rsplit(":", 1)[1]
+    client = _client(studio, tmp_path, cache_bytes=int(2.5 * size), allowed_hosts=f"127.0.0.1:{port}")
     first = client.fetch_image(f"{external}/external/a.png", task_id=1)
     second = client.fetch_image(f"{external}/external/b.png", task_id=2)
     old = time.time() - 100
@@ -533,3 +573,118 @@ def test_cache_evicts_least_recently_used(studio: FakeStudio, tmp_path: Path, ex
     client.fetch_image(f"{external}/external/a.png", task_id=1)  # a hit refreshes its recency
     third = client.fetch_image(f"{external}/external/c.png", task_id=3)
     assert first.is_file() and third.is_file() and not second.exists()
+
+
+def test_cloud_uri_presign_to_a_private_address_is_refused(
+    studio: FakeStudio, tmp_path: Path, external: str
+) -> None:
+    """Label Studio's redirects may lead to public hosts only: a presign answer pointing at a loopback host
+    (another port than Label Studio's) is refused unless allowed."""
+    studio.presign_to = external
+    with pytest.raises(ImageFetchError, match=r"redirected to http://127.0.0.1:\d+/external/.*loopback"):
+        _client(studio, tmp_path / "a").fetch_image("s3://bucket/dir/ok.png", task_id=9)
+
+
+# --- outages ----------------------------------------------------------------------------------------------
+def test_idempotent_calls_retry_with_backoff(studio: FakeStudio, tmp_path: Path) -> None:
+    waits: list[float] = []
+    policy = RetryPolicy(attempts=4, backoff=0.5, max_backoff=1.0, jitter=0.0)
+    client = _client(studio, tmp_path, retry=policy, sleep=waits.append)
+    studio.outages = {"GET /api/projects/1/": 3}
+    assert client.get_project(1)["id"] == 1
+    assert waits == [0.5, 1.0, 1.0]  # doubled, capped at max_backoff
+    studio.outages = {"PATCH /api/projects/1/": 2}
+    client.serve_in_ranked_order(1, "v1")
+    assert studio.patches == [{"sampling": "Uncertainty sampling", "model_version": "v1"}]
+    studio.tasks = [_task(i) for i in range(1, 6)]
+    studio.outages = {"GET /api/tasks/": 1}
+    assert [t.id for t in client.list_tasks(1, image_key="img")] == [1, 2, 3, 4, 5]
+
+
+def test_call_that_still_fails_names_the_call(studio: FakeStudio, tmp_path: Path) -> None:
+    waits: list[float] = []
+    client = _client(studio, tmp_path, retry=RetryPolicy(attempts=3, backoff=0.1), sleep=waits.append)
+    studio.outages = {"GET /api/projects/1/": 10}
+    with pytest.raises(LabelStudioError) as info:
+        client.get_project(1)
+    message = str(info.value)
+    assert message.startswith("Label Studio GET /api/projects/1/ failed after 3 attempts: HTTP 503")
+    assert (info.value.call, info.value.status, info.value.attempts) == ("GET /api/projects/1/", 503, 3)
+    assert len(waits) == 2 and all(w <= 0.2 for w in waits)
+    # 404 is an answer, not an outage: no retry.
+    with pytest.raises(LabelStudioError, match=r"^Label Studio GET /api/projects/2/ failed: HTTP 404"):
+        client.get_project(2)
+    assert len(waits) == 2
+
+
+def test_unreachable_server_is_retried_then_named(tmp_path: Path) -> None:
+    waits: list[float] = []
+    dead = LabelStudioClient(
+        url="http://127.0.0.1:9",
+        api_key=LEGACY,
+        cache_dir=tmp_path,
+        timeout=1,
+        max_image_bytes=1,
+        max_image_pixels=1,
+        retry=RetryPolicy(attempts=2, backoff=0.01),
+        sleep=waits.append,
+    )
+    with pytest.raises(LabelStudioError, match=r"PATCH /api/projects/1/ failed after 2 attempts: cannot reach"):
+        dead.serve_in_ranked_order(1, "v")
+    assert len(waits) == 1
+
+
+def test_import_chunk_is_resent_once_without_duplicates(studio: FakeStudio, tmp_path: Path) -> None:
+    studio.tasks = [_task(i) for i in range(1, 8)]
+    client = _client(studio, tmp_path, predictions_per_request=3)
+    predictions = [{"task": i, "result": [], "score": 0.5, "model_version": "v2"} for i in range(1, 8)]
+    studio.import_drops = 1  # the first chunk is stored but its answer is lost: nothing to send again
+    assert client.import_predictions(1, predictions) == 7
+    assert [len(body) for body in studio.imported] == [3, 3, 1]
+    assert sorted(p["task"] for p in studio.predictions) == list(range(1, 8))  # one each, no duplicate
+    # A chunk Label Studio half-created is completed with the tasks it missed.
+    studio.predictions.clear()
+    studio.imported.clear()
+    studio.created_shortfall = 1
+    with pytest.raises(LabelStudioError, match=r"expected 1 created, found 0 .*sent a second time"):
+        client.import_predictions(1, predictions[:3])
+    assert [len(body) for body in studio.imported] == [3, 1]  # the retry sent only task 3
+    studio.created_shortfall = 0
+    studio.import_status = 400  # refused content is not sent again
+    with pytest.raises(LabelStudioError):
+        client.import_predictions(1, predictions[:1])
+    assert len(studio.imported) == 3
+
+
+def test_delete_predictions_keeps_versions(studio: FakeStudio, tmp_path: Path) -> None:
+    studio.predictions = [
+        {"id": i, "task": i % 4, "model_version": f"v{i // 4}"} for i in range(12)
+    ]  # v0, v1, v2: 4 each
+    client = _client(studio, tmp_path)
+    assert client.model_versions(1) == {"v2": 4, "v1": 4, "v0": 4}
+    studio.outages = {"DELETE /api/projects/1/model-versions/": 1}  # DELETE of a version is idempotent
+    assert client.delete_predictions(1, keep_versions={"v2", "v1"}) == 4
+    assert {p["model_version"] for p in studio.predictions} == {"v1", "v2"}
+    assert client.delete_predictions(1, keep_versions={"v2", "v1"}) == 0
+    deletes = [r for r in studio.requests if r[0] == "DELETE"]
+    assert len(deletes) == 2  # one version, once retried; nothing listed prediction by prediction
+    assert client.delete_predictions(1, keep_versions=()) == 8 and studio.predictions == []
+
+
+def test_image_over_the_pixel_limit_names_the_limit(studio: FakeStudio, tmp_path: Path) -> None:
+    """A PNG whose header says 30000x30000: PIL refuses to open it (decompression bomb); the message names
+    the limit instead of "does not decode"."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    path = tmp_path / "huge.png"
+    path.write_bytes(png + chunk(b"IEND", b""))
+    cache = _client(studio, tmp_path, max_image_pixels=50_000_000).images
+    with pytest.raises(ImageFetchError, match=r"expected at most 50000000 pixels \(MAGRAL_MAX_IMAGE_PIXELS\), "
+                       r"found 900000000"):
+        cache._validate(path, "task 1: image x", "image/png")

@@ -6,6 +6,15 @@ token (valid 300 s on Label Studio 1.23) and renews it before it expires (`Autho
 When Label Studio still answers 401 (a revoked access token, clock skew), the client drops the SDK client, so
 the next call refreshes, and retries once.
 
+Outages: idempotent calls (GET, and PATCH/DELETE that set or remove a value) are tried again with bounded
+exponential backoff (`magral_core.studio.retry`); a POST that creates is not, except a prediction chunk, which
+is re-sent once for the tasks that did not get their prediction. A call that still fails raises
+LabelStudioError naming the call (method and path), the attempts and the last status or reason.
+
+Memory at scale: tasks are read one page at a time and turned into records before the next page is asked
+for; predictions are sent in chunks; old predictions are deleted one model version per request, in Label
+Studio's database.
+
 Kept as one module because every call shares the SDK session, pagination and the translation of API errors.
 """
 
@@ -13,10 +22,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Collection, Mapping, Sequence
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 import jwt
@@ -26,6 +36,11 @@ from label_studio_sdk.types import PredictionRequest
 
 from magral_core.errors import MagralError, UserError
 from magral_core.studio.downloads import DownloadCache, ImageFetchError
+from magral_core.studio.retry import NO_RETRY, RetryPolicy, is_transient
+from magral_core.studio.url_policy import HostPolicy, parse_allowed_hosts
+
+if TYPE_CHECKING:
+    from magral_core.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +50,22 @@ UNCERTAINTY_SAMPLING = "Uncertainty sampling"
 
 
 class LabelStudioError(MagralError):
-    """A Label Studio API call failed. `status` is the HTTP status (None: no answer), `body` a short excerpt
-    of the answer; the message holds both, never a traceback."""
+    """A Label Studio API call failed. `call` is "METHOD /path" ("" when not one request), `status` the last
+    HTTP status (None: no answer), `body` a short excerpt of the answer, `attempts` how many tries were made;
+    the message holds them all, never a traceback."""
 
-    def __init__(self, message: str, *, status: int | None = None, body: str = "") -> None:
+    def __init__(
+        self, message: str, *, status: int | None = None, body: str = "", call: str = "", attempts: int = 1
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.body = body
+        self.call = call
+        self.attempts = attempts
+
+
+class ShortImport(LabelStudioError):
+    """Label Studio accepted a prediction chunk but created fewer predictions than it was sent."""
 
 
 @dataclass(frozen=True)
@@ -124,10 +148,11 @@ class LabelStudioClient:
 
     `timeout` (s) bounds each API call and each image download; `max_image_bytes` and `max_image_pixels`
     bound what an image may be; images are cached under `cache_dir` (at most `cache_bytes` in all).
-    `allowed_hosts` restricts image URLs outside Label Studio (None: any host; see
-    `magral_core.studio.downloads`). `retries`: the SDK's retries of idempotent calls. Constructing makes
-    no request. Raises UserError when `url` or
-    `api_key` is empty, LabelStudioError when the personal access token has expired.
+    `allowed_hosts`: where task image URLs may lead beyond Label Studio (a HostPolicy or the text of
+    MAGRAL_ALLOWED_IMAGE_HOSTS; default: nowhere; see `magral_core.studio.url_policy`). `page_size`: tasks
+    per listing request; `predictions_per_request`: predictions per import request. `retry`: the tries and
+    waits of idempotent calls; `sleep` waits (tests pass a recorder). Constructing makes no request. Raises
+    UserError when `url` or `api_key` is empty, LabelStudioError when the personal access token has expired.
     """
 
     def __init__(
@@ -140,10 +165,11 @@ class LabelStudioClient:
         max_image_bytes: int,
         max_image_pixels: int,
         cache_bytes: int = 4 * 1024**3,
-        allowed_hosts: Collection[str] | None = None,
+        allowed_hosts: HostPolicy | str | None = None,
         page_size: int = 100,
         predictions_per_request: int = 1000,
-        retries: int = 2,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if not url.strip():
             raise UserError(
@@ -157,11 +183,13 @@ class LabelStudioClient:
             )
         self.url = url.strip().rstrip("/")
         self.timeout = timeout
-        self.page_size = page_size
-        self.predictions_per_request = predictions_per_request
-        self.retries = retries
+        self.page_size = max(1, page_size)
+        self.predictions_per_request = max(1, predictions_per_request)
+        self.retry = retry or RetryPolicy()
+        self._sleep = sleep
         self._api_key = api_key.strip()
         self.uses_personal_access_token = is_personal_access_token(self._api_key)
+        policy = parse_allowed_hosts(allowed_hosts) if isinstance(allowed_hosts, str) else allowed_hosts
         self.images = DownloadCache(
             Path(cache_dir),
             base_url=self.url,
@@ -169,22 +197,44 @@ class LabelStudioClient:
             max_bytes=max_image_bytes,
             max_pixels=max_image_pixels,
             capacity_bytes=cache_bytes,
-            allowed_hosts=allowed_hosts,
+            policy=policy,
         )
         self._sdk: LabelStudio | None = None
         self._connect()
 
+    @classmethod
+    def from_config(cls, config: Config, *, url: str = "", api_key: str = "") -> LabelStudioClient:
+        """The client a config describes; `url`/`api_key` are used when the config has none (what `/setup`
+        saw). Raises as the constructor does."""
+        return cls(
+            url=config.label_studio_url or url,
+            api_key=config.label_studio_api_key or api_key,
+            cache_dir=config.home / "images",
+            timeout=config.download_timeout,
+            max_image_bytes=config.max_image_bytes,
+            max_image_pixels=config.max_image_pixels,
+            cache_bytes=config.image_cache_bytes,
+            allowed_hosts=parse_allowed_hosts(config.allowed_image_hosts),
+            page_size=config.studio_page_size,
+            predictions_per_request=config.prediction_chunk,
+            retry=RetryPolicy(
+                attempts=config.studio_attempts,
+                backoff=config.studio_backoff,
+                max_backoff=config.studio_max_backoff,
+            ),
+        )
+
     # --- SDK plumbing ---------------------------------------------------------------------------------------
     def _connect(self) -> LabelStudio:
         try:
-            # The SDK retries with backoff on 408/409/429/5xx and refused connections (not for imports).
-            # The trailing slash keeps a path prefix (Label Studio under /ls/) in the SDK's token refresh,
-            # which joins its URL with urljoin.
+            # Retries are ours (`_call`), so that only idempotent calls are tried again. The trailing slash
+            # keeps a path prefix (Label Studio under /ls/) in the SDK's token refresh, which joins its URL
+            # with urljoin.
             self._sdk = LabelStudio(
-                base_url=self.url + "/", api_key=self._api_key, timeout=self.timeout, max_retries=self.retries
+                base_url=self.url + "/", api_key=self._api_key, timeout=self.timeout, max_retries=0
             )
         except ApiError as exc:  # an expired personal access token is refused before any request
-            raise self._error("connect", exc) from None
+            raise self._error("POST", "/api/token/refresh/", exc, 1) from None
         return self._sdk
 
     @property
@@ -192,10 +242,12 @@ class LabelStudioClient:
         """The SDK client (rebuilt after a 401 so that a personal access token is exchanged again)."""
         return self._sdk or self._connect()
 
-    def _error(self, what: str, exc: Exception) -> LabelStudioError:
+    def _error(self, method: str, path: str, exc: Exception, attempts: int) -> LabelStudioError:
+        call = f"{method} {path}"
+        what = f"Label Studio {call} failed" + (f" after {attempts} attempts" if attempts > 1 else "")
         if isinstance(exc, ApiError):
             body = short_body(exc.body)
-            message = f"Label Studio {what} failed: HTTP {exc.status_code}: {body}"
+            message = f"{what}: HTTP {exc.status_code}: {body}"
             if exc.status_code == 401 and self.uses_personal_access_token:
                 message += " (the API key is a personal access token: revoked, or from another Label Studio?)"
             elif exc.status_code == 401:
@@ -203,101 +255,209 @@ class LabelStudioClient:
                     " (the API key is a legacy token: wrong, or legacy tokens are disabled in the"
                     " organization, the default since Label Studio 1.23; a personal access token works there)"
                 )
-            return LabelStudioError(message, status=exc.status_code, body=body)
+            return LabelStudioError(message, status=exc.status_code, body=body, call=call, attempts=attempts)
         if isinstance(exc, httpx.TimeoutException):
-            return LabelStudioError(
-                f"Label Studio {what} failed: no answer from {self.url} within {self.timeout:g} s"
-            )
-        if isinstance(exc, httpx.HTTPError):
-            return LabelStudioError(
-                f"Label Studio {what} failed: cannot reach {self.url} ({type(exc).__name__})"
-            )
-        return LabelStudioError(f"Label Studio {what} failed: unreadable answer ({type(exc).__name__})")
+            message = f"{what}: no answer from {self.url} within {self.timeout:g} s"
+        elif isinstance(exc, httpx.HTTPError):
+            message = f"{what}: cannot reach {self.url} ({type(exc).__name__})"
+        else:
+            message = f"{what}: unreadable answer ({type(exc).__name__})"
+        return LabelStudioError(message, call=call, attempts=attempts)
 
-    def _call(self, what: str, call: Callable[[LabelStudio], T]) -> T:
-        """Run one SDK call; after a 401 with a personal access token, reconnect and retry once."""
-        try:
-            return call(self.sdk)
-        except (ApiError, httpx.HTTPError, json.JSONDecodeError) as exc:
-            refused = isinstance(exc, ApiError) and exc.status_code == 401
-            if not (refused and self.uses_personal_access_token):
-                raise self._error(what, exc) from None
-        log.info("label studio answered 401 to %s: exchanging the personal access token again", what)
-        self._sdk = None
-        try:
-            return call(self.sdk)
-        except (ApiError, httpx.HTTPError, json.JSONDecodeError) as exc:
-            raise self._error(what, exc) from None
+    def _call(self, method: str, path: str, call: Callable[[LabelStudio], T]) -> T:
+        """Run one SDK call (`method path`, for retries and messages). Idempotent methods are tried again
+        on a passing outage within `retry`; after a 401 with a personal access token, reconnect and try once
+        more (refused requests did nothing). Raises LabelStudioError."""
+        policy = self.retry if method in ("GET", "PATCH", "PUT", "DELETE") else NO_RETRY
+        delays = policy.delays()
+        attempts = 0
+        refreshed = False
+        while True:
+            attempts += 1
+            try:
+                return call(self.sdk)
+            except (ApiError, httpx.HTTPError, json.JSONDecodeError) as exc:
+                status = exc.status_code if isinstance(exc, ApiError) else None
+                if status == 401 and self.uses_personal_access_token and not refreshed:
+                    log.info("label studio answered 401 to %s %s: exchanging the token again", method, path)
+                    refreshed, self._sdk = True, None
+                    continue
+                wait = next(delays, None) if _is_outage(exc) else None
+                if wait is None:
+                    raise self._error(method, path, exc, attempts) from None
+                log.warning("label studio %s %s failed (%s), attempt %d: again in %.2f s", method, path,
+                            status or type(exc).__name__, attempts, wait)
+                self._sleep(wait)
+
+    def _request(
+        self, method: str, path: str, *, params: Mapping[str, Any] | None = None, body: Any = None
+    ) -> Any:
+        """One API request through the SDK's HTTP client (auth and token refresh), for endpoints the SDK does
+        not wrap or whose typed answers would copy every task; the parsed JSON answer (None when empty)."""
+
+        def send(sdk: LabelStudio) -> Any:
+            response = sdk._client_wrapper.httpx_client.request(
+                path.lstrip("/"),
+                method=method,
+                params=dict(params or {}),
+                json=body,
+                request_options={"max_retries": 0},
+            )
+            if not 200 <= response.status_code < 300:
+                try:
+                    answer: Any = response.json()
+                except json.JSONDecodeError:
+                    answer = response.text
+                raise ApiError(status_code=response.status_code, headers=dict(response.headers), body=answer)
+            return response.json() if response.content else None
+
+        return self._call(method, path, send)
 
     def auth_headers(self) -> dict[str, str]:
         """The `Authorization` header the SDK sends (legacy token, or an access token it keeps fresh)."""
         # The SDK has no public accessor for it; its client wrapper is where it decides and refreshes.
-        headers = self._call("token refresh", lambda sdk: sdk._client_wrapper.get_headers())
+        headers = self._call("POST", "/api/token/refresh/", lambda sdk: sdk._client_wrapper.get_headers())
         return {"Authorization": headers["Authorization"]}
 
     # --- API ------------------------------------------------------------------------------------------------
     def get_project(self, project_id: int) -> Mapping[str, Any]:
         """The project's JSON (`label_config`, `model_version`, `sampling`, ...). Raises LabelStudioError."""
-        project = self._call(f"get project {project_id}", lambda sdk: sdk.projects.get(id=project_id))
+        project = self._call(
+            "GET", f"/api/projects/{project_id}/", lambda sdk: sdk.projects.get(id=project_id)
+        )
         return project.model_dump(mode="json")
 
-    def list_tasks(self, project_id: int, *, image_key: str | None = None) -> list[LSTask]:
-        """All tasks of a project with their annotations, page by page (`page_size` per request).
+    def iter_tasks(self, project_id: int, *, image_key: str | None = None) -> Iterator[LSTask]:
+        """The tasks of a project with their annotations, one page (`page_size`) in memory at a time: each
+        page's JSON becomes records before the next is asked for. A page that fails is tried again alone.
 
         `image_key`: the task-data key holding the image; default: read from the project's label config.
         Raises LabelStudioError (also for an unknown project).
         """
         if image_key is None:
             image_key = image_key_of(str(self.get_project(project_id).get("label_config") or ""))
+        page, seen = 1, 0
+        while True:
+            answer = self._request(
+                "GET",
+                "/api/tasks/",
+                params={"project": project_id, "fields": "all", "page": page, "page_size": self.page_size},
+            )
+            items = answer.get("tasks") or [] if isinstance(answer, Mapping) else []
+            for item in items:
+                yield task_record(item, image_key)
+            seen += len(items)
+            total = answer.get("total") if isinstance(answer, Mapping) else None
+            del answer, items  # the page's JSON goes before the next page comes
+            if seen == 0 or (isinstance(total, int) and seen >= total) or seen < page * self.page_size:
+                return
+            page += 1
 
-        def fetch_all(sdk: LabelStudio) -> list[LSTask]:
-            pager: Any = sdk.tasks.list(project=project_id, fields="all", page_size=self.page_size)
-            # The SDK ends at the first empty page or at Label Studio's 404 "Invalid page." past the end.
-            return [task_record(_as_dict(task), image_key) for task in pager]
-
-        tasks = self._call(f"list tasks of project {project_id}", fetch_all)
+    def list_tasks(self, project_id: int, *, image_key: str | None = None) -> list[LSTask]:
+        """All tasks of a project (see `iter_tasks`), as a list. Raises LabelStudioError."""
+        tasks = list(self.iter_tasks(project_id, image_key=image_key))
         log.info("project=%s tasks=%d fetched", project_id, len(tasks))
         return tasks
 
     def import_predictions(self, project_id: int, predictions: Sequence[Mapping[str, Any]]) -> int:
-        """Create predictions (`{"task", "result", "score", "model_version"}` each), `predictions_per_request`
-        per request; return how many Label Studio created. Raises LabelStudioError when an answer's `created`
-        count differs from what that request sent (earlier requests' predictions stay)."""
+        """Create predictions (`{"task", "result", "score", "model_version"}` each, at most one per task and
+        version), `predictions_per_request` per request; return how many Label Studio created.
+
+        A chunk whose request fails or whose answer's `created` differs from what it sent is sent once more,
+        for the tasks that have no prediction of that version yet (so nothing is created twice). Raises
+        LabelStudioError when the second try fails too (earlier chunks' predictions stay).
+        """
         created_total = 0
-        step = max(1, self.predictions_per_request)
+        step = self.predictions_per_request
+        path = f"/api/projects/{project_id}/import/predictions"
         for start in range(0, len(predictions), step):
-            batch = [
-                PredictionRequest(
-                    task=int(p["task"]),
-                    result=list(p.get("result") or ()),
-                    score=None if p.get("score") is None else float(p["score"]),
-                    model_version=None if p.get("model_version") is None else str(p["model_version"]),
+            chunk = [_prediction_request(p) for p in predictions[start : start + step]]
+            try:
+                created_total += self._send_chunk(project_id, path, chunk)
+                continue
+            except LabelStudioError as exc:
+                if not isinstance(exc, ShortImport) and not is_transient(exc.status):
+                    raise  # refused content (400: unknown task, ...): sending it again would not help
+                log.warning(
+                    "project=%s predictions of tasks %d..%d failed (%s): sending them once more",
+                    project_id, chunk[0].task, chunk[-1].task, exc,
                 )
-                for p in predictions[start : start + step]
-            ]
-            answer = self._call(
-                f"import predictions into project {project_id}",
-                # No automatic retry: a retried POST could create the batch twice.
-                lambda sdk, batch=batch: sdk.projects.import_predictions(  # type: ignore[misc]
-                    id=project_id, request=batch, request_options={"max_retries": 0}
-                ),
-            )
-            created = answer.created
-            if created != len(batch):
-                raise LabelStudioError(
-                    f"Label Studio import predictions into project {project_id}: expected {len(batch)} "
-                    f"created, found {created} (tasks {batch[0].task}..{batch[-1].task}; "
-                    f"{created_total} created before)"
-                )
-            created_total += created
+            missing = self._without_prediction(project_id, chunk)
+            created_total += len(chunk) - len(missing)
+            if missing:
+                created_total += self._send_chunk(project_id, path, missing, retried=True)
         log.info("project=%s predictions=%d imported", project_id, created_total)
         return created_total
+
+    def _send_chunk(
+        self, project_id: int, path: str, chunk: list[PredictionRequest], *, retried: bool = False
+    ) -> int:
+        answer = self._call(
+            "POST",
+            path,
+            lambda sdk: sdk.projects.import_predictions(
+                id=project_id, request=chunk, request_options={"max_retries": 0}
+            ),
+        )
+        created = int(answer.created or 0)
+        if created != len(chunk):
+            again = " (sent a second time)" if retried else ""
+            raise ShortImport(
+                f"Label Studio POST {path}: expected {len(chunk)} created, found {created} (tasks "
+                f"{chunk[0].task}..{chunk[-1].task}){again}",
+                status=201,
+                call=f"POST {path}",
+            )
+        return created
+
+    def _without_prediction(self, project_id: int, chunk: list[PredictionRequest]) -> list[PredictionRequest]:
+        """The chunk's predictions whose task has no prediction of that model version in Label Studio yet."""
+        ids = sorted({int(p.task) for p in chunk})
+        query = json.dumps({"selectedItems": {"all": False, "included": ids}})
+        answer = self._request(  # one page: the chunk's tasks only
+            "GET",
+            "/api/tasks/",
+            params={"project": project_id, "fields": "all", "page": 1, "page_size": len(ids), "query": query},
+        )
+        have: set[tuple[int, str]] = set()
+        for task in answer.get("tasks") or [] if isinstance(answer, Mapping) else []:
+            for prediction in task.get("predictions") or ():
+                if isinstance(prediction, Mapping):
+                    have.add((int(task["id"]), str(prediction.get("model_version") or "")))
+        return [p for p in chunk if (int(p.task), str(p.model_version or "")) not in have]
+
+    def model_versions(self, project_id: int) -> dict[str, int]:
+        """{model version: number of predictions} of the project, most recently created first (Label Studio's
+        `/model-versions/`; predictions without a version under ""). Raises LabelStudioError."""
+        answer = self._request("GET", f"/api/projects/{project_id}/model-versions/")
+        if not isinstance(answer, Mapping):
+            return {}
+        return {("" if k in (None, "null") else str(k)): int(v or 0) for k, v in answer.items()}
+
+    def delete_predictions(self, project_id: int, keep_versions: Collection[str]) -> int:
+        """Delete every prediction of the project whose model version is not in `keep_versions`, one request
+        per version (Label Studio deletes them in its database; nothing is listed here); return how many were
+        deleted. Predictions without a version cannot be deleted this way and stay. Raises LabelStudioError.
+        """
+        keep = {str(v) for v in keep_versions}
+        deleted = 0
+        for version, count in self.model_versions(project_id).items():
+            if version in keep or not version or count == 0:
+                continue
+            answer = self._request(
+                "DELETE", f"/api/projects/{project_id}/model-versions/", body={"model_version": version}
+            )
+            n = int(answer.get("deleted_predictions", 0)) if isinstance(answer, Mapping) else 0
+            deleted += n
+            log.info("project=%s version=%s predictions=%d deleted", project_id, version, n)
+        return deleted
 
     def serve_in_ranked_order(self, project_id: int, model_version: str) -> None:
         """Make Label Studio serve tasks lowest prediction score first, among predictions of `model_version`
         (uncertainty sampling; the open-source server honours it when set through the API)."""
         self._call(
-            f"update project {project_id}",
+            "PATCH",
+            f"/api/projects/{project_id}/",
             lambda sdk: sdk.projects.update(
                 id=project_id, sampling=UNCERTAINTY_SAMPLING, model_version=model_version
             ),
@@ -308,9 +468,7 @@ class LabelStudioClient:
         """Add `headers` to the project's webhooks whose URL starts with `backend_url_prefix` (Label Studio
         sends no basic auth on the webhook it creates for an ML backend). Returns how many webhooks match."""
         prefix = backend_url_prefix.rstrip("/")
-        hooks = self._call(
-            f"list webhooks of project {project_id}", lambda sdk: sdk.webhooks.list(project=str(project_id))
-        )
+        hooks = self._call("GET", "/api/webhooks/", lambda sdk: sdk.webhooks.list(project=str(project_id)))
         count = 0
         for hook in hooks:
             if hook.project != project_id or not str(hook.url).startswith(prefix) or hook.id is None:
@@ -324,7 +482,7 @@ class LabelStudioClient:
                 def update(sdk: LabelStudio, i: int = hook_id, h: dict[str, str] = merged) -> Any:
                     return sdk.webhooks.update(id=i, headers=h)
 
-                self._call(f"update webhook {hook_id}", update)
+                self._call("PATCH", f"/api/webhooks/{hook_id}/", update)
         log.info("project=%s webhooks=%d headers set", project_id, count)
         return count
 
@@ -340,7 +498,17 @@ class LabelStudioClient:
         return self.images.fetch(image, task_id=task_id, auth_headers=self.auth_headers())
 
 
-def _as_dict(item: Any) -> Mapping[str, Any]:
-    if isinstance(item, Mapping):
-        return item
-    return item.model_dump(mode="json")
+def _is_outage(exc: Exception) -> bool:
+    """No answer, or an answer that says to try later (retry.TRANSIENT_STATUSES)."""
+    if isinstance(exc, ApiError):
+        return is_transient(exc.status_code)
+    return isinstance(exc, httpx.TransportError)
+
+
+def _prediction_request(p: Mapping[str, Any]) -> PredictionRequest:
+    return PredictionRequest(
+        task=int(p["task"]),
+        result=list(p.get("result") or ()),
+        score=None if p.get("score") is None else float(p["score"]),
+        model_version=None if p.get("model_version") is None else str(p["model_version"]),
+    )

@@ -1,17 +1,18 @@
 """Task images on local disk: where a task's image URL points, and a size-capped cache of validated downloads.
 
-URL policy (these are requests the backend makes on behalf of whoever can create tasks):
+Where an image value leads (the host policy of every request is `magral_core.studio.url_policy`):
 
 - `/data/upload/...`, `/data/local-files/?d=...` and absolute URLs on Label Studio's own origin are fetched
   with the API key's `Authorization` header;
 - `s3://`, `gs://`, `azure-blob://` are resolved by Label Studio at `/tasks/{id}/presign/?fileuri=<base64>`
-  (it redirects to a presigned URL or proxies the bytes), so storage credentials stay in Label Studio;
-- any other `http(s)://` URL is fetched without credentials. Every host is allowed by default, as Label Studio
-  itself displays such URLs; `allowed_hosts` (config `MAGRAL_ALLOWED_IMAGE_HOSTS`, see `parse_allowed_hosts`)
-  restricts these requests, and every redirect hop of them, to Label Studio's origin plus the listed hosts;
+  (it redirects to a presigned URL or proxies the bytes), so storage credentials stay in Label Studio; the
+  public hosts its redirects lead to are allowed;
+- any other `http(s)://` URL is fetched without credentials when `MAGRAL_ALLOWED_IMAGE_HOSTS` allows its host
+  (by default none beyond Label Studio);
 - other schemes (`file:`, `data:`, ...) are refused.
 
-Credentials never leave Label Studio's origin: a redirect elsewhere is followed without them.
+Redirects are followed one hop at a time (at most MAX_REDIRECTS), each hop checked as a new request.
+Credentials go only to Label Studio's origin, and only while every hop so far was there.
 
 Kept as one module because URL resolution, the host policy and the size-bounded cache are the one path a task
 image takes.
@@ -26,22 +27,35 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 from urllib.parse import urljoin, urlsplit
 
 import requests
+from PIL import Image
 
 from magral_core.datasets.images import image_size, read_image_rgb
 from magral_core.errors import DataError, UserError
+from magral_core.studio.url_policy import (
+    HostNotAllowed,
+    HostPolicy,
+    Studio,
+    Target,
+    check,
+    guarded_session,
+    guarding,
+    resolve,
+    target_of,
+)
 
 CLOUD_SCHEMES = ("s3", "gs", "azure-blob")
 MAX_REDIRECTS = 5
 _CHUNK = 64 * 1024
 _TMP_PREFIX = ".part-"
 _SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,5}$")
+_BOMB_PIXELS = re.compile(r"Image size \((\d+) pixels\)")
 
 
 class ImageFetchError(UserError):
@@ -96,31 +110,6 @@ def resolve_image(image: str, *, base_url: str, task_id: int) -> ImageSource:
     )
 
 
-def parse_allowed_hosts(value: str) -> tuple[str, ...] | None:
-    """`MAGRAL_ALLOWED_IMAGE_HOSTS` → `allowed_hosts`: "*" = any host (None); "none" = Label Studio's origin
-    only (empty tuple); otherwise comma-separated `host` or `host:port` entries."""
-    text = value.strip().lower()
-    if text == "*":
-        return None
-    if text == "none":
-        return ()
-    return tuple(h.strip() for h in text.split(",") if h.strip())
-
-
-def host_allowed(url: str, allowed_hosts: Collection[str] | None, base_url: str) -> bool:
-    """Whether an untrusted http(s) URL may be requested: any host when `allowed_hosts` is None, else Label
-    Studio's own host or one listed (`host` or `host:port`, case-insensitive)."""
-    if allowed_hosts is None:
-        return True
-    scheme, host, port = origin(url)
-    if scheme not in ("http", "https"):
-        return False
-    if (scheme, host, port) == origin(base_url):
-        return True
-    allowed = {h.strip().lower() for h in allowed_hosts}
-    return host in allowed or f"{host}:{port}" in allowed
-
-
 def cache_name(key: str) -> str:
     """File name of a cached image: sha256 of its key, plus the URL's extension when it has a short one."""
     path = urlsplit(key).path
@@ -143,9 +132,9 @@ def _excerpt(response: requests.Response, limit: int = 160) -> str:
 class DownloadCache:
     """Downloads task images into `directory`, validated; at most `max_bytes` each, `capacity_bytes` in all.
 
-    A cached file is complete and decodable (written to a temporary name, checked, then renamed). When the
-    directory outgrows `capacity_bytes`, the least recently used files are deleted. Several processes may
-    share the directory.
+    `policy`: the hosts allowed beyond Label Studio (default: none). A cached file is complete and decodable
+    (written to a temporary name, checked, then renamed). When the directory outgrows `capacity_bytes`, the
+    least recently used files are deleted. Several processes may share the directory.
     """
 
     def __init__(
@@ -157,8 +146,7 @@ class DownloadCache:
         max_bytes: int,
         max_pixels: int,
         capacity_bytes: int,
-        allowed_hosts: Collection[str] | None = None,
-        session: requests.Session | None = None,
+        policy: HostPolicy | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.base_url = base_url.rstrip("/")
@@ -166,58 +154,88 @@ class DownloadCache:
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
         self.capacity_bytes = capacity_bytes
-        self.allowed_hosts = None if allowed_hosts is None else tuple(allowed_hosts)
-        self.session = session or requests.Session()
+        self.policy = policy or HostPolicy()
+        self.session = guarded_session()
         self._used_bytes: int | None = None  # estimate, counted on the first write
 
     def fetch(self, image: str, *, task_id: int, auth_headers: Mapping[str, str]) -> Path:
         """Local path of a task image, downloaded when not cached.
 
         `auth_headers` are sent to Label Studio's origin only. Raises ImageFetchError (with `.status` set
-        when an HTTP answer ended it) saying what was expected and what was found.
+        when an HTTP answer ended it) saying what was expected and what was found; a refused host's message
+        names the host, its address and the setting that would allow it.
         """
         source = resolve_image(image, base_url=self.base_url, task_id=task_id)
+        what = f"task {task_id}: image {source.key[:120]}"
+        try:
+            target_of(source.url)
+        except HostNotAllowed as exc:
+            raise ImageFetchError(f"{what}: {exc}") from None
         target = self.directory / cache_name(source.key)
         if target.is_file():
             with contextlib.suppress(OSError):  # a concurrent prune may have removed it; then download
                 os.utime(target)  # recency for the LRU eviction
                 return target
-        if not source.trusted and not host_allowed(source.url, self.allowed_hosts, self.base_url):
-            raise ImageFetchError(
-                f"task {task_id}: image host of {source.url[:120]} is not allowed: expected Label Studio's "
-                f"host or one of MAGRAL_ALLOWED_IMAGE_HOSTS ({', '.join(self.allowed_hosts or ()) or 'none'})"
-            )
         self.directory.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=self.directory)
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as out:
-                content_type = self._download(source, task_id, auth_headers, out)
-            self._validate(tmp, source.key, task_id, content_type)
+                content_type = self._download(source, what, auth_headers, out)
+            self._validate(tmp, what, content_type)
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
         self._account(target.stat().st_size)
         return target
 
+    def _studio(self) -> Studio:
+        studio = target_of(self.base_url)
+        try:
+            addresses = resolve(studio.host, studio.port)
+        except OSError:
+            addresses = ()  # unresolvable: only its own origin counts as Label Studio
+        return Studio(studio, addresses)
+
+    def _vet(self, target: Target, studio: Studio, public_ok: bool) -> tuple[Any, ...]:
+        """Resolve and check one request's target (url_policy.check); the addresses to connect to."""
+        try:
+            addresses = resolve(target.host, target.port)
+        except OSError as exc:
+            raise HostNotAllowed(f"cannot resolve host {target.host} ({exc})") from None
+        check(target, addresses, self.policy, studio, public_ok=public_ok)
+        return addresses
+
     def _download(
-        self, source: ImageSource, task_id: int, auth_headers: Mapping[str, str], out: IO[bytes]
+        self, source: ImageSource, what: str, auth_headers: Mapping[str, str], out: IO[bytes]
     ) -> str:
         """Stream the image into `out` within the byte and time limits; return its content type."""
         deadline = time.monotonic() + self.timeout
-        url, trusted = source.url, source.trusted
-        what = f"task {task_id}: image {source.key[:120]}"
-        for _ in range(MAX_REDIRECTS + 1):
-            on_studio = origin(url) == origin(self.base_url)
-            headers = dict(auth_headers) if on_studio else {}
+        studio = self._studio()
+        url = source.url
+        public_ok = source.trusted  # a chain Label Studio began may lead to public hosts (presigned URLs)
+        credentials = True  # while every hop so far was on Label Studio's origin
+        for hop in range(MAX_REDIRECTS + 1):
             try:
-                response = self.session.get(
-                    url,
-                    headers=headers,
-                    stream=True,
-                    allow_redirects=False,
-                    timeout=(self.timeout, self.timeout),
-                )
+                target = target_of(url)
+                self._vet(target, studio, public_ok)  # before the request, for a message naming the URL
+            except HostNotAllowed as exc:
+                prefix = f"{what}: " + (f"redirected to {url[:120]}: " if hop else "")
+                raise ImageFetchError(prefix + str(exc)) from None
+            on_studio = origin(url) == origin(self.base_url)
+            credentials = credentials and on_studio
+            headers = dict(auth_headers) if credentials else {}
+            try:
+                with guarding(lambda t, ok=public_ok: self._vet(t, studio, ok)):  # type: ignore[misc]
+                    response = self.session.get(
+                        url,
+                        headers=headers,
+                        stream=True,
+                        allow_redirects=False,
+                        timeout=(self.timeout, self.timeout),
+                    )
+            except HostNotAllowed as exc:  # the address changed between the check and the connection
+                raise ImageFetchError(f"{what}: {exc}") from None
             except requests.Timeout:
                 raise ImageFetchError(
                     f"{what}: expected an answer within {self.timeout:g} s, found none"
@@ -227,12 +245,6 @@ class DownloadCache:
             with response:
                 if response.is_redirect and response.headers.get("location"):
                     url = urljoin(url, response.headers["location"])
-                    # A redirect from Label Studio (presign) is its decision; elsewhere the policy applies.
-                    trusted = trusted and on_studio
-                    if not trusted and not host_allowed(url, self.allowed_hosts, self.base_url):
-                        raise ImageFetchError(
-                            f"{what}: redirected to {url[:120]}, a host that is not allowed"
-                        )
                     continue
                 if response.status_code != 200:
                     raise ImageFetchError(
@@ -269,11 +281,17 @@ class DownloadCache:
         except requests.RequestException as exc:
             raise ImageFetchError(f"{what}: download interrupted ({type(exc).__name__})") from None
 
-    def _validate(self, path: Path, key: str, task_id: int, content_type: str) -> None:
-        what = f"task {task_id}: image {key[:120]}"
+    def _validate(self, path: Path, what: str, content_type: str) -> None:
         try:
             width, height = image_size(path)
-        except DataError:
+        except DataError as exc:
+            bomb = _BOMB_PIXELS.search(str(exc.__cause__ or ""))
+            if isinstance(exc.__cause__, Image.DecompressionBombError) and bomb:
+                # PIL refuses to even read the header of an image this large; the limit is ours to name.
+                raise ImageFetchError(
+                    f"{what}: expected at most {self.max_pixels} pixels (MAGRAL_MAX_IMAGE_PIXELS), "
+                    f"found {int(bomb.group(1))}"
+                ) from None
             raise ImageFetchError(
                 f"{what}: expected an image file, found {path.stat().st_size} bytes of {content_type} "
                 f"that do not decode as an image"
