@@ -2,6 +2,8 @@
 
 `Config.from_env()` is called once per process (server, worker, CLI) and the result is passed down. Nothing
 else in the project reads the environment. Every field names its environment variable, unit and default.
+
+Kept as one module because every setting is read, parsed and checked the same way, in one place.
 """
 
 from __future__ import annotations

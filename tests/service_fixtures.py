@@ -7,7 +7,7 @@ process, toy round steps with known answers (no torch), and a real Redis server 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +97,18 @@ class FakeStudio:
     def add_webhook_header(self, project_id: int, prefix: str, headers: Mapping[str, str]) -> int:
         self.headers.append((project_id, prefix, dict(headers)))
         return 1
+
+    def model_versions(self, project_id: int) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for p in reversed(self.imported):  # most recently created first, as Label Studio lists them
+            version = str(p.get("model_version") or "")
+            counts[version] = counts.get(version, 0) + 1
+        return counts
+
+    def delete_predictions(self, project_id: int, keep_versions: Collection[str]) -> int:
+        before = len(self.imported)
+        self.imported = [p for p in self.imported if str(p.get("model_version") or "") in set(keep_versions)]
+        return before - len(self.imported)
 
     def fetch_image(self, image: str, *, task_id: int) -> Path:
         path = self.root / image.rsplit("/", 1)[-1]

@@ -130,3 +130,16 @@ def test_unknown_reward_names_the_variable_the_value_and_the_choices() -> None:
     with pytest.raises(ConfigError, match=r"MAGRAL_REWARD must be one of proxy, pseudo_label, "
                                           r"retrospective; found 'oracle'"):
         Config.from_env({"MAGRAL_REWARD": "oracle"})
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("MAGRAL_STUDIO_ATTEMPTS", "0"), ("MAGRAL_STUDIO_BACKOFF", "-1"), ("MAGRAL_STUDIO_MAX_BACKOFF", "601"),
+     ("MAGRAL_KEEP_PREDICTION_VERSIONS", "-1"), ("MAGRAL_PREDICTION_CHUNK", "0")],
+)
+def test_label_studio_call_settings_are_checked(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError):
+        Config.from_env({variable: value})
+    with pytest.raises(ConfigError, match="MAGRAL_STUDIO_BACKOFF"):
+        Config.from_env({"MAGRAL_STUDIO_BACKOFF": "10", "MAGRAL_STUDIO_MAX_BACKOFF": "5"})
+    assert Config().allowed_image_hosts == "none" and Config().keep_prediction_versions == 1

@@ -155,8 +155,9 @@ def _app(studio: FakeStudio) -> Flask:
             return Response("<html><body>Server Error (500)</body></html>", status=studio.import_status)
         kept = body[: len(body) - studio.created_shortfall]
         for item in kept:
+            number = len(studio.predictions) + 1
             studio.predictions.append(
-                {"id": len(studio.predictions) + 1, "task": item["task"], "model_version": item["model_version"]}
+                {"id": number, "task": item["task"], "model_version": item["model_version"]}
             )
         if studio.import_drops > 0:  # stored, but the answer is lost on the way
             studio.import_drops -= 1
@@ -557,7 +558,7 @@ def test_fetch_image_foreign_hosts(studio: FakeStudio, tmp_path: Path, external:
     hop = f"{external}/external/hop?to={external}/external/b.png"
     assert listed.fetch_image(hop, task_id=1).is_file()
     # An allowed address that redirects to another port of loopback, which is not allowed.
-    with pytest.raises(ImageFetchError, match=r"redirected to http://localhost:9/.*host localhost resolves to"):
+    with pytest.raises(ImageFetchError, match=r"redirected to http://localhost:9/.*localhost resolves to"):
         listed.fetch_image(f"{external}/external/hop?to=http://localhost:9/external/c.png", task_id=1)
 
 
@@ -629,7 +630,7 @@ def test_unreachable_server_is_retried_then_named(tmp_path: Path) -> None:
         retry=RetryPolicy(attempts=2, backoff=0.01),
         sleep=waits.append,
     )
-    with pytest.raises(LabelStudioError, match=r"PATCH /api/projects/1/ failed after 2 attempts: cannot reach"):
+    with pytest.raises(LabelStudioError, match=r"PATCH /api/projects/1/ failed after 2 attempts: cannot"):
         dead.serve_in_ranked_order(1, "v")
     assert len(waits) == 1
 
@@ -685,6 +686,6 @@ def test_image_over_the_pixel_limit_names_the_limit(studio: FakeStudio, tmp_path
     path = tmp_path / "huge.png"
     path.write_bytes(png + chunk(b"IEND", b""))
     cache = _client(studio, tmp_path, max_image_pixels=50_000_000).images
-    with pytest.raises(ImageFetchError, match=r"expected at most 50000000 pixels \(MAGRAL_MAX_IMAGE_PIXELS\), "
-                       r"found 900000000"):
+    limit = r"expected at most 50000000 pixels \(MAGRAL_MAX_IMAGE_PIXELS\), found 900000000"
+    with pytest.raises(ImageFetchError, match=limit):
         cache._validate(path, "task 1: image x", "image/png")

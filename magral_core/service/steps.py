@@ -5,7 +5,7 @@ binds the real detector, evaluation and strategies; tests bind toys with known a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,6 +36,8 @@ class StudioAdmin(StudioClient, Protocol):
     """A worker's client: the round's calls and the project's webhook settings."""
 
     def add_webhook_header(self, project_id: int, prefix: str, headers: Mapping[str, str]) -> int: ...
+    def model_versions(self, project_id: int) -> dict[str, int]: ...
+    def delete_predictions(self, project_id: int, keep_versions: Collection[str]) -> int: ...
 
 
 class RoundStrategy(Protocol):

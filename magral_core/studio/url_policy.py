@@ -17,7 +17,8 @@ on the addresses the socket then connects to (`guarded_session`), so a name that
 first and to 127.0.0.1 a moment later (DNS rebinding) is refused too. Environment proxies are not used: a
 proxy would resolve the name itself, out of reach of this check.
 
-Pure except `resolve` (DNS) and `guarded_session` (sockets).
+Pure except `resolve` (DNS) and `guarded_session` (sockets). Kept as one module because the check before a
+request and the check at its connection must be the same rule.
 """
 
 from __future__ import annotations
