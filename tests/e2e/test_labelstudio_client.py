@@ -14,6 +14,7 @@ from magral_core.studio import (
     LabelStudioError,
     is_personal_access_token,
 )
+from magral_core.studio.client import _prediction_request
 
 from .conftest import StudioProject, StudioServer, create_project
 
@@ -151,3 +152,32 @@ def test_add_webhook_header(label_studio: StudioServer, bccd_project: StudioProj
     assert (
         client.add_webhook_header(bccd_project.id, backend, {"Authorization": "Basic dTpw"}) == 1
     )  # idempotent
+
+
+def test_chunked_import_and_deleting_old_versions(
+    label_studio: StudioServer, bccd_images: tuple[Path, ...], tmp_path: Path
+) -> None:
+    import time
+
+    project = create_project(label_studio, "bccd hygiene", bccd_images)
+    client = _client(label_studio, tmp_path, predictions_per_request=7)
+    for version in ("e2e-a", "e2e-b", "e2e-c"):
+        predictions = [
+            {"task": task, "result": [], "score": 0.5, "model_version": version} for task in project.task_ids
+        ]
+        started = time.perf_counter()
+        assert client.import_predictions(project.id, predictions) == len(predictions)
+        elapsed = time.perf_counter() - started
+        print(f"imported {len(predictions)} in {elapsed:.3f} s ({len(predictions) / elapsed:.0f}/s)")
+    n = len(project.task_ids)
+    assert client.model_versions(project.id) == {"e2e-c": n, "e2e-b": n, "e2e-a": n}
+    assert client.delete_predictions(project.id, keep_versions={"e2e-c", "e2e-b"}) == n
+    assert client.model_versions(project.id) == {"e2e-c": n, "e2e-b": n}
+    tasks = label_studio.api("GET", f"/api/tasks/?project={project.id}&fields=all&page_size=100").json()
+    assert all(len(t["predictions"]) == 2 for t in tasks["tasks"])
+    # A chunk re-sent after a lost answer creates nothing twice: the check sees every task has its prediction.
+    chunk = [
+        _prediction_request({"task": t, "result": [], "score": 0.5, "model_version": "e2e-c"})
+        for t in project.task_ids[:5]
+    ]
+    assert client._without_prediction(project.id, chunk) == []
