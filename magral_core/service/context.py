@@ -26,18 +26,11 @@ def store_for(config: Config) -> ModelStore:
 
 def make_client(config: Config, store: ModelStore, project: int) -> StudioAdmin:
     """The Label Studio client of the config, falling back to the hostname/token `/setup` saw."""
-    from magral_core.studio import LabelStudioClient, parse_allowed_hosts
+    from magral_core.studio import LabelStudioClient
 
     seen = store.load_connection(project)
-    return LabelStudioClient(
-        url=config.label_studio_url or seen.get("hostname", ""),
-        api_key=config.label_studio_api_key or seen.get("access_token", ""),
-        cache_dir=config.home / "images",
-        timeout=config.download_timeout,
-        max_image_bytes=config.max_image_bytes,
-        max_image_pixels=config.max_image_pixels,
-        cache_bytes=config.image_cache_bytes,
-        allowed_hosts=parse_allowed_hosts(config.allowed_image_hosts),
+    return LabelStudioClient.from_config(
+        config, url=seen.get("hostname", ""), api_key=seen.get("access_token", "")
     )
 
 
