@@ -14,7 +14,7 @@ value. Pure functions over `RoundRecord`s; nothing here reads or writes files.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,12 +112,17 @@ def areas(records: Sequence[RoundRecord], *, metric: str = "map") -> dict[str, d
     return out
 
 
-def paired_areas(
-    records: Sequence[RoundRecord], baseline: str = "random", *, metric: str = "map", confidence: float = 0.95
+def _paired(
+    records: Sequence[RoundRecord],
+    baseline: str,
+    difference: Callable[[dict[int, RoundRecord], dict[int, RoundRecord], list[int]], float],
+    *,
+    first_round: int,
+    confidence: float,
 ) -> dict[str, Interval]:
-    """{strategy: interval of area(strategy, s) − area(baseline, s) over the seeds both ran} for every
-    strategy but the baseline. Only rounds both curves of a seed reached are integrated, so a curve cut
-    short by a killed run is compared on its common part."""
+    """{strategy: interval over seeds of `difference(strategy's rounds, baseline's rounds, common rounds)`},
+    over the rounds >= `first_round` both curves of a seed reached (a curve cut short by a killed run is
+    compared on its common part); seeds with no common round are left out."""
     curves = _curves(records)
     base = curves.get(baseline)
     if base is None:
@@ -126,18 +131,26 @@ def paired_areas(
     for name, seeds in sorted(curves.items()):
         if name == baseline:
             continue
-        diffs = []
+        per_seed = []
         for seed in sorted(set(seeds) & set(base)):
-            common = sorted(set(seeds[seed]) & set(base[seed]))
-            if not common:
-                continue
-            x = [seeds[seed][r].n_labeled for r in common]
-            a = curve_area(x, [_value(seeds[seed][r], metric) for r in common])
-            b = curve_area([base[seed][r].n_labeled for r in common], [_value(base[seed][r], metric)
-                                                                         for r in common])
-            diffs.append(a - b)
-        out[name] = t_interval(diffs, confidence)
+            common = sorted(r for r in set(seeds[seed]) & set(base[seed]) if r >= first_round)
+            if common:
+                per_seed.append(difference(seeds[seed], base[seed], common))
+        out[name] = t_interval(per_seed, confidence)
     return out
+
+
+def paired_areas(
+    records: Sequence[RoundRecord], baseline: str = "random", *, metric: str = "map", confidence: float = 0.95
+) -> dict[str, Interval]:
+    """{strategy: interval of area(strategy, s) − area(baseline, s) over the seeds both ran} for every
+    strategy but the baseline, integrated over the rounds both curves of a seed reached."""
+
+    def area(curve: dict[int, RoundRecord], rounds: list[int]) -> float:
+        return curve_area([curve[r].n_labeled for r in rounds], [_value(curve[r], metric) for r in rounds])
+
+    return _paired(records, baseline, lambda a, b, rounds: area(a, rounds) - area(b, rounds),
+                   first_round=0, confidence=confidence)
 
 
 def paired_gain_over_rounds(
@@ -151,19 +164,8 @@ def paired_gain_over_rounds(
     """{strategy: interval over seeds of the mean over rounds >= `first_round` (those both curves of the
     seed reached) of strategy − baseline}. Round 0 is left out by default: it is the same model for every
     strategy, so its difference is 0 by construction."""
-    curves = _curves(records)
-    base = curves.get(baseline)
-    if base is None:
-        return {}
-    out: dict[str, Interval] = {}
-    for name, seeds in sorted(curves.items()):
-        if name == baseline:
-            continue
-        per_seed = []
-        for seed in sorted(set(seeds) & set(base)):
-            common = sorted(r for r in set(seeds[seed]) & set(base[seed]) if r >= first_round)
-            if common:
-                per_seed.append(float(np.mean([_value(seeds[seed][r], metric) - _value(base[seed][r], metric)
-                                               for r in common])))
-        out[name] = t_interval(per_seed, confidence)
-    return out
+
+    def gain(a: dict[int, RoundRecord], b: dict[int, RoundRecord], rounds: list[int]) -> float:
+        return float(np.mean([_value(a[r], metric) - _value(b[r], metric) for r in rounds]))
+
+    return _paired(records, baseline, gain, first_round=first_round, confidence=confidence)
