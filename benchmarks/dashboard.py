@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ import numpy as np
 from backend.app import create_app
 from backend.predictions import Predictor
 from backend.services import Services
+from magral_core.atomic import write_json
 from magral_core.config import Config
 from magral_core.service.staging import save_metrics, save_ranking
 from magral_core.service.steps import StudioClient
@@ -85,6 +87,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--tasks", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
@@ -93,6 +96,7 @@ def main() -> None:
         store = build_store(home / "projects", project=1, rounds=args.rounds, tasks=args.tasks)
         built = time.perf_counter() - started
         print(f"store: {args.rounds} rounds, {args.tasks} tasks each, built in {built:.1f} s")
+
         def no_client(project: int) -> StudioClient:
             raise AssertionError("the page never calls Label Studio")
 
@@ -120,8 +124,20 @@ def main() -> None:
               "(goal median < 200 ms)")
         print(f"/status HTML with nothing cached (as after a publish): median "
               f"{statistics.median(uncached):.1f} ms over 5")
+        cached_png = timed("/projects/1/curve.png")[0]
         print(f"/projects/1/curve.png ({png_size / 1024:.0f} KiB): first render {png_ms:.1f} ms; "
-              f"cached {timed('/projects/1/curve.png')[0]:.1f} ms")
+              f"cached {cached_png:.1f} ms")
+        if args.json:
+            figures = {
+                "command": "python -m benchmarks.dashboard " + " ".join(sys.argv[1:]),
+                "rounds": args.rounds, "tasks": args.tasks, "repeats": args.repeats,
+                "load_average": os.getloadavg()[0],
+                "status_html_ms": {"first": first, "median": statistics.median(repeats), "max": max(repeats),
+                                   "uncached_median": statistics.median(uncached)},
+                "curve_png_ms": {"first": png_ms, "cached": cached_png},
+                "goal_median_ms": 200,
+            }
+            write_json(args.json, figures)
         print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
 
 
