@@ -23,15 +23,17 @@ worth 0, as it is by the records' definition, and a budget other than the record
 gain rather than reusing an average batch's.
 
 Labels are read only for images of L (through `labeled`); the pool enters only through its detections and
-embeddings. Cost: `records` + `folds` head trainings once per round, then a dot product per evaluation.
+embeddings. Cost: `records` + `folds` head trainings once per round (`warm`; `save`/`load` share the fitted
+surrogate between processes), then a dot product per evaluation.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,6 +41,9 @@ import numpy as np
 from magral_core.method.features import class_distributions, entropy
 from magral_core.method.rewards.heads import HeadSettings, TailFeatures, tail_map, train_tail
 from magral_core.structures import DetectionDataset, Detections
+
+CACHE_FORMAT = 1
+"""Version of the file `RetrospectiveReward.save` writes."""
 
 
 @dataclass(frozen=True)
@@ -173,6 +178,43 @@ class RetrospectiveReward:
             self.records.append(self.record(fold, batch))
         self.weights = additive_ridge([self.labeled_x[list(rec.indices)] for rec in self.records],
                                       np.array([rec.value for rec in self.records]), self.settings.ridge)
+
+    def warm(self, pool_indices: Iterable[int] = ()) -> None:
+        """The round's one-off work: the records and the surrogate (`fit`; the pool enters only through
+        its features, so `pool_indices` need nothing)."""
+        self.fit()
+
+    def save(self, path: Path) -> None:
+        """Write the records and the fitted surrogate (`fit` first) to `path` atomically."""
+        import torch
+
+        from magral_core.atomic import atomic_open
+
+        self.fit()
+        assert self.weights is not None
+        state = {"format": CACHE_FORMAT, "kind": "retrospective", "seed": self.seed,
+                 "weights": torch.as_tensor(self.weights, dtype=torch.float64),
+                 "records": [{"indices": list(r.indices), "fold": r.fold, "value": r.value,
+                              "seconds": r.seconds} for r in self.records]}
+        with atomic_open(path, "wb") as handle:
+            torch.save(state, handle)
+
+    def load(self, path: Path) -> None:
+        """Adopt the records and surrogate `save` wrote (no head is trained). Raises ValueError for another
+        format, seed or feature count; OSError/pickle errors for an unreadable file."""
+        import torch
+
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if (not isinstance(state, dict) or state.get("format") != CACHE_FORMAT
+                or state.get("kind") != "retrospective" or state.get("seed") != self.seed):
+            raise ValueError(f"{path}: expected a retrospective reward cache of format {CACHE_FORMAT} for "
+                             f"seed {self.seed}")
+        weights = state["weights"].numpy().astype(np.float64)
+        if weights.shape != (1 + self.pool_x.shape[1],):
+            raise ValueError(f"{path}: {weights.shape[0]} weights for {self.pool_x.shape[1]} features")
+        self.records = [RetroRecord(tuple(int(i) for i in r["indices"]), int(r["fold"]), float(r["value"]),
+                                    float(r["seconds"])) for r in state["records"]]
+        self.weights = weights
 
     def __call__(self, indices: np.ndarray, seed: int) -> float:
         """Surrogate gain of the pool images at `indices`: the sum of their per-image gains, 0 for none (the
