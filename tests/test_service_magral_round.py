@@ -1,5 +1,6 @@
 """MAGRAL as a round's strategy: its record jobs against a toy proxy, the record specs checked against what
-`fit_magral` draws, the real detector and proxy at toy size, and the proxy cache shared by the record jobs."""
+`fit_magral` draws, the real detector and proxy at toy size, the proxy cache shared by the record jobs, and a
+round with each configured reward (`MAGRAL_REWARD`) whose one-off work the record jobs load."""
 
 from __future__ import annotations
 
@@ -143,3 +144,82 @@ def test_build_proxy_computes_the_frozen_features_once_and_later_calls_load_them
     (staging / files.PROXY_CACHE_FILE).write_bytes(b"damaged")  # an unusable cache is recomputed, replaced
     assert magral_round.build_proxy(staging, config)(np.array([0, 2]), 3) == value and len(computed) == 14
     assert magral_round.build_proxy(staging, config)(np.array([0, 2]), 3) == value and len(computed) == 14
+
+
+@pytest.mark.parametrize("reward", ["proxy", "pseudo_label", "retrospective"])
+def test_magral_round_uses_the_configured_reward_and_shares_its_one_off_work(
+    reward: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from magral_core.method import rewards
+
+    made: list[str] = []
+    events: list[str] = []
+    make = rewards.make_reward
+
+    def spy(name: str, round_: Any, **kwargs: Any) -> Any:
+        made.append(name)
+        built = make(name, round_, **kwargs)
+        warm, load = built.warm, built.load
+        built.warm = lambda *a: (events.append("warm"), warm(*a))[1]
+        built.load = lambda *a: (events.append("load"), load(*a))[1]
+        return built
+
+    written: list[dict[str, Any]] = []
+    write = files.write_lut_record
+    monkeypatch.setattr(rewards, "make_reward", spy)
+    monkeypatch.setattr(files, "write_lut_record",
+                        lambda staging, index, record: (written.append(dict(record)),
+                                                        write(staging, index, record))[1])
+    studio = studio_with(tmp_path, labeled=range(1, 13), unlabeled=range(20, 25))
+    store = ModelStore(tmp_path / "store")
+    config = toy_config(tmp_path, image_size=64, epochs=1, batch_size=4, min_labeled_for_magral=12, budget=2,
+                        lut_records=4, policy_episodes=2, reward=reward)
+    assert config.reward == reward
+    version = stages.run_round(1, client=studio, store=store, config=config, steps=bindings.default_steps())
+    metrics = store.load_metrics(1, version)
+    assert metrics["strategy"] == "magral" and metrics["lut_records"] == 4
+    assert made and set(made) == {reward}  # every reward the round built is the configured one
+    # the one-off work once (the prepare stage), every later build (the record jobs, the fit) loads it
+    assert events[0] == "warm" and events.count("warm") == 1 and events.count("load") == len(made) - 1 >= 2
+    assert len(written) == 4  # the record jobs: records of the real schema, with a finite value
+    for record in written:
+        files.check_record(record)
+        assert set(record) == {"indices", "value", "source", "seed"} and np.isfinite(record["value"])
+        assert len(set(record["indices"])) == 2 and set(record["indices"]) <= set(range(5))
+    directory = store.version_dir(1, version)
+    table = json.loads((directory / files.LOOKUP_TABLE_FILE).read_text())
+    assert [r["value"] for r in table["records"]] == [r["value"] for r in written]
+    assert not any((directory / name).exists() for name in files.UNPUBLISHED)
+    assert sorted(store.load_ranking(1, version).task_ids) == list(range(20, 25))
+
+
+def test_a_reward_cache_reloaded_gives_the_values_computed(tmp_path: Path) -> None:
+    # the retrospective reward's records and surrogate, saved by the prepare stage, load as computed
+    from magral_core.method.rewards.retrospective import RetrospectiveReward
+
+    studio = studio_with(tmp_path, labeled=range(1, 13), unlabeled=range(20, 25))
+    store = ModelStore(tmp_path / "store")
+    config = toy_config(tmp_path, image_size=64, epochs=1, batch_size=4, min_labeled_for_magral=12, budget=2,
+                        lut_records=2, policy_episodes=2, reward="retrospective")
+    prepare = MagralRound.prepare
+
+    def keep(self: MagralRound, staging: Path) -> None:
+        prepare(self, staging)
+        snapshot = tmp_path / "snapshot"
+        snapshot.mkdir()
+        for name in (files.IMAGES_FILE, files.DETECTOR_FILE, files.POOL_FILE, files.LABELED_FILE,
+                     files.REWARD_CACHE_FILE):
+            (snapshot / name).write_bytes((staging / name).read_bytes())
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(MagralRound, "prepare", keep)
+        stages.run_round(1, client=studio, store=store, config=config, steps=bindings.default_steps())
+    snapshot = tmp_path / "snapshot"
+    loaded = magral_round.build_reward(snapshot, config)
+    assert isinstance(loaded, RetrospectiveReward) and loaded.records
+    (snapshot / files.REWARD_CACHE_FILE).write_bytes(b"damaged")  # recomputed from scratch, replaced
+    fresh = magral_round.build_reward(snapshot, config)
+    assert isinstance(fresh, RetrospectiveReward)
+    for batch in (np.array([0, 1]), np.array([2, 4]), np.array([3])):
+        assert fresh(batch, 0) == pytest.approx(loaded(batch, 0), abs=1e-12)
+    assert [r.value for r in fresh.records] == [r.value for r in loaded.records]

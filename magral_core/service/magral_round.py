@@ -1,19 +1,22 @@
-"""MAGRAL as a round's strategy (`steps.RoundStrategy`): look-up-table records computed by the
-semi-supervised proxy as separate jobs in two stages (uniformly random batches first; after the policy's
-first training stage, batches near the policy), then the policy's second stage and the ranking.
+"""MAGRAL as a round's strategy (`steps.RoundStrategy`): look-up-table records computed by the configured
+reward (`MAGRAL_REWARD`, `method.rewards.make_reward`: the paper's proxy by default) as separate jobs in two
+stages (uniformly random batches first; after the policy's first training stage, batches near the policy),
+then the policy's second stage and the ranking.
 
-The proxy's frozen features (a detector pass over every labeled, validation and pool image and their flips)
-are computed once, by `prepare` at the end of the prepare stage, and loaded by every record job. Heavy
-libraries are imported when a method runs, not when this module is imported.
+The reward's one-off work is done once, by `prepare` at the end of the prepare stage, and loaded by every
+record job: the proxy's and the pseudo-label reward's frozen features (a detector pass over every labeled,
+validation and pool image), the retrospective reward's records and fitted surrogate (and the labeled
+images' detections it reads). Heavy libraries are imported when a method runs, not when this module is
+imported.
 """
 
 from __future__ import annotations
 
 import logging
 import pickle
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -50,19 +53,56 @@ def magral_record_specs(pool_size: int, config: Config) -> list[Any]:
     return initial_record_specs(pool_size, config.budget, magral_settings(config), seed=config.seed)
 
 
-def build_proxy(staging: Path, config: Config) -> Reward:
-    """`proxy(batch, seed) -> mAP` of the round in `staging`: the semi-supervised proxy (see
-    `magral_core.method.proxy`) on the round's detector, its labeled training images plus the pool images at
-    `batch` (unlabeled), evaluated on the labeled validation images, which the detector never trained on.
+class SharedReward(Protocol):
+    """A reward whose one-off work can be shared between processes (every estimator of
+    `method.rewards`)."""
 
-    Its frozen features are loaded from `staging/PROXY_CACHE_FILE` when present; otherwise they are computed
-    for every image and saved there (atomically), so the first caller of a round pays and later ones, in any
-    process sharing the staging directory, load. Raises UserError when the round has no labeled validation
-    images.
+    def __call__(self, indices: np.ndarray, seed: int) -> float: ...
+    def warm(self, pool_indices: Iterable[int] = ...) -> None: ...
+    def save(self, path: Path) -> None: ...
+    def load(self, path: Path) -> None: ...
+
+
+def reward_cache_file(name: str) -> str:
+    """The staging file holding reward `name`'s one-off work (`staging` owns the names)."""
+    return files.PROXY_CACHE_FILE if name == "proxy" else files.REWARD_CACHE_FILE
+
+
+def _labeled_outputs(staging: Path, model: Any, train: Any, config: Config) -> tuple[list[Any], np.ndarray]:
+    """Detections and embeddings of the labeled training images under the round's detector: loaded from
+    `staging/LABELED_FILE`, else computed (one detector pass, as the prepare stage's over the pool) and
+    saved there."""
+    path = staging / files.LABELED_FILE
+    if path.is_file():
+        try:
+            arrays = files.load_pool(path)
+            if len(arrays["detections"]) == len(train):
+                return list(arrays["detections"]), np.asarray(arrays["embeddings"])
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("labeled outputs %s unusable (%s); recomputing", path, exc)
+    from magral_core.vision.engine import extract
+
+    detections, embeddings = extract(model, train, batch_size=config.batch_size,
+                                     score_threshold=config.score_threshold)
+    files.save_pool(path, detections, np.asarray(embeddings), np.zeros((0, np.asarray(embeddings).shape[1])))
+    return list(detections), np.asarray(embeddings)
+
+
+def build_reward(staging: Path, config: Config, name: str | None = None) -> Reward:
+    """`reward(batch, seed) -> value` of the round in `staging`: the reward `name` (default
+    `config.reward`, MAGRAL_REWARD) built by `method.rewards.make_reward` on the round's detector, its
+    labeled training images, the pool (its detections and embeddings from `POOL_FILE`, for the rewards that
+    read them) and the labeled validation images, which the detector never trained on.
+
+    Its one-off work (see the module doc) is loaded from the staging file `reward_cache_file(name)` when
+    present; otherwise it is done and saved there (atomically), so the first caller of a round pays and
+    later ones, in any process sharing the staging directory, load. An unusable file is recomputed and
+    replaced. Raises UserError when the round has no labeled validation images.
     """
-    from magral_core.method.proxy import proxy_for
+    from magral_core.method import rewards
     from magral_core.vision.checkpoint import load_checkpoint
 
+    name = name or config.reward
     images = files.load_images(staging / files.IMAGES_FILE)
     train, pool, val = images["train"], images["pool"], images.get("val")
     if val is None or train is None or pool is None:
@@ -70,20 +110,39 @@ def build_proxy(staging: Path, config: Config) -> Reward:
             f"MAGRAL needs labeled validation images (at least {MIN_LABELED_FOR_VALIDATION} labeled tasks); "
             "found none"
         )
-    model, _meta = load_checkpoint(staging / files.DETECTOR_FILE)  # the proxy runs on the CPU
-    proxy = proxy_for(model, train, pool, val)
-    cache = staging / files.PROXY_CACHE_FILE
+    model, _meta = load_checkpoint(staging / files.DETECTOR_FILE)  # the reward runs on the CPU
+    cache = staging / reward_cache_file(name)
+
+    def make() -> SharedReward:
+        round_ = rewards.RewardRound(model, train, val, pool)
+        if rewards.needs_detections(name):
+            arrays = files.load_pool(staging / files.POOL_FILE)
+            lab_det, lab_emb = (_labeled_outputs(staging, model, train, config) if name == "retrospective"
+                                else ([], np.asarray(arrays["labeled_embeddings"])))
+            round_ = rewards.RewardRound(model, train, val, pool, tuple(arrays["detections"]),
+                                         np.asarray(arrays["embeddings"]), tuple(lab_det), lab_emb)
+        reward = rewards.make_reward(name, round_, budget=min(config.budget, len(pool)),
+                                     score_threshold=config.score_threshold, seed=config.seed)
+        return cast(SharedReward, reward)
+
+    reward = make()
     if cache.is_file():
         try:
-            proxy.load(cache)
-            return proxy
+            reward.load(cache)
+            return reward
         except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as exc:
             # a damaged or foreign file must not fail the round: compute afresh and replace it
-            log.warning("proxy cache %s unusable (%s); recomputing", cache, exc)
-            proxy = proxy_for(model, train, pool, val)
-    proxy.warm(range(len(pool)))
-    proxy.save(cache)
-    return proxy
+            log.warning("%s reward cache %s unusable (%s); recomputing", name, cache, exc)
+            reward = make()
+    reward.warm(range(len(pool)))
+    reward.save(cache)
+    return reward
+
+
+def build_proxy(staging: Path, config: Config) -> Reward:
+    """The paper's semi-supervised proxy (`magral_core.method.proxy`) of the round in `staging`, whatever
+    `config.reward` says: `build_reward(staging, config, "proxy")`."""
+    return build_reward(staging, config, "proxy")
 
 
 def _pool_of(arrays: PoolArrays) -> Any:
@@ -93,13 +152,14 @@ def _pool_of(arrays: PoolArrays) -> Any:
 
 
 class MagralRound:
-    """MAGRAL in a round; `proxy_factory(staging, config)` gives the reward (default `build_proxy`)."""
+    """MAGRAL in a round; `proxy_factory(staging, config)` gives the reward (default `build_reward`: the
+    configured one)."""
 
     name = "magral"
 
     def __init__(self, config: Config, proxy_factory: ProxyFactory | None = None) -> None:
         self.config = config
-        self.proxy_factory = proxy_factory or build_proxy
+        self.proxy_factory = proxy_factory or build_reward
 
     def records(self, pool_size: int) -> int:
         return len(magral_record_specs(pool_size, self.config))

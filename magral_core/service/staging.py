@@ -8,6 +8,9 @@ backend and the benchmarks read and write round files only through this module.
     images.json          the round's image sets (train / val / pool) for jobs that rebuild them
     lut/record-NNNN.json look-up-table records, one file per record job
     proxy_cache.pt       the proxy's frozen features shared by the record jobs (deleted before publish)
+    reward_cache.pt      another reward's one-off work shared by the record jobs (deleted before publish)
+    labeled.npz          detections and embeddings of the labeled training images (`save_pool` format), for
+                         the rewards that read them (deleted before publish)
     magral_fit.pt        MAGRAL between its two stages of records (deleted before publish)
     policy.pt  lookup_table.json   MAGRAL's controller and records
     predictions.json     the predictions pushed to Label Studio, by task id
@@ -39,10 +42,13 @@ POLICY_FILE = "policy.pt"
 LOOKUP_TABLE_FILE = "lookup_table.json"
 PROXY_CACHE_FILE = "proxy_cache.pt"  # MAGRAL proxy frozen features, shared by the record jobs; unpublished
 MAGRAL_FIT_FILE = "magral_fit.pt"  # MAGRAL between its two stages of records; unpublished
+REWARD_CACHE_FILE = "reward_cache.pt"  # a non-proxy reward's one-off work (`MAGRAL_REWARD`); unpublished
+LABELED_FILE = "labeled.npz"  # labeled training images' detections and embeddings; unpublished
 RANKING_FILE = "ranking.json"
 METRICS_FILE = "metrics.json"
 LUT_DIR = "lut"
-UNPUBLISHED = (PROXY_CACHE_FILE, MAGRAL_FIT_FILE)  # of no use once ranked (the cache is large)
+# of no use once ranked (the caches are large)
+UNPUBLISHED = (PROXY_CACHE_FILE, MAGRAL_FIT_FILE, REWARD_CACHE_FILE, LABELED_FILE)
 
 
 @dataclass(frozen=True)
