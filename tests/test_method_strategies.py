@@ -180,3 +180,32 @@ def test_fit_magral_in_two_stages_equals_the_whole_fit() -> None:
     staged, report = end_fit(fit, feats, 3, settings, seed=2, records=near)
     assert [r.value for r in report.records] == [r.value for r in whole_report.records]
     assert np.allclose(staged.controller.scores(feats, 3), whole.controller.scores(feats, 3))
+
+
+def test_policy_response_separates_a_reward_that_carries_the_answer_from_one_that_does_not() -> None:
+    from magral_core.method.strategies import policy_response
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    n, b = 60, 6
+    feats = rng.normal(size=(n, 4)).astype(np.float32)
+    good = set(np.argsort(-feats[:, 0])[:b].tolist())
+    settings = MagralSettings(records=24, training=TrainingSettings(updates=60, learning_rate=1e-2))
+
+    def informative(indices: np.ndarray, seed: int) -> float:
+        return len(good.intersection(indices.tolist())) / b
+
+    def flat(indices: np.ndarray, seed: int) -> float:
+        return 0.5
+
+    strategy, report = fit_magral(feats, b, informative, settings, seed=0)
+    response = policy_response(feats, b, strategy, report, settings, seed=0)
+    assert set(response) >= {"overlap_untrained", "overlap_permuted", "record_value_std", "budget"}
+    assert response["budget"] == b and response["record_value_std"] > 0
+    # the reward moved the batch: it shares less with the untrained or the permuted-reward controller
+    assert response["overlap_untrained"] < b and response["overlap_permuted"] < b
+
+    strategy, report = fit_magral(feats, b, flat, settings, seed=0)
+    response = policy_response(feats, b, strategy, report, settings, seed=0)
+    # a flat reward carries nothing to permute: the permuted-reward controller picks the very same batch
+    assert response["record_value_std"] == 0.0 and response["overlap_permuted"] == b

@@ -40,3 +40,20 @@ def test_pool_and_proxy_cover_only_pool_images() -> None:
     proxy = learner.proxy(state, labeled, unlabeled)
     rich = np.argsort(-learner.counts[10:, 2])[:3]  # the pool images with the most rare objects
     assert proxy(rich, 0) > proxy(np.zeros(0, np.int64), 0)
+
+
+def test_magral_rounds_record_how_the_policy_answers_to_its_reward() -> None:
+    from magral_core.method.policy_training import TrainingSettings
+    from magral_core.method.strategies import MagralSettings
+    from magral_core.simulation import make_factory, run_curve
+
+    factory = make_factory(MagralSettings(records=8, training=TrainingSettings(updates=6)))
+    records = run_curve(ToyLearner(40), "magral", 0, SimulationSettings(initial=10, budget=5, rounds=2),
+                        factory=factory)
+    for record in records[:-1]:  # the last round trains and measures, it picks nothing
+        d = record.diagnostics
+        assert d["budget"] == 5 and 0 <= d["overlap_untrained"] <= 5 and 0 <= d["overlap_permuted"] <= 5
+        assert d["records"] == 8 and d["record_value_std"] > 0
+    assert records[-1].diagnostics == {}
+    baseline = run_curve(ToyLearner(40), "random", 0, SimulationSettings(initial=10, budget=5, rounds=1))
+    assert all(r.diagnostics == {} for r in baseline)

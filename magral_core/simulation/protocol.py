@@ -25,7 +25,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from magral_core.atomic import write_text_atomic
-from magral_core.method.strategies import MagralSettings, Pool, Strategy, fit_magral, make_strategy
+from magral_core.method.strategies import (
+    MagralSettings,
+    Pool,
+    Strategy,
+    fit_magral,
+    make_strategy,
+    policy_response,
+)
 
 
 @dataclass(frozen=True)
@@ -91,8 +98,10 @@ def make_factory(magral: MagralSettings | None = None) -> StrategyFactory:
         if context.proxy is None:
             raise ValueError("strategy 'magral' needs a learner with a proxy")
         assert context.pool.features is not None
-        strategy, _ = fit_magral(context.pool.features, context.budget, context.proxy, settings,
-                                 seed=context.seed)
+        strategy, report = fit_magral(context.pool.features, context.budget, context.proxy, settings,
+                                      seed=context.seed)
+        strategy.diagnostics = policy_response(context.pool.features, context.budget, strategy, report,
+                                               settings, seed=context.seed)
         return strategy
 
     return factory
@@ -128,6 +137,8 @@ class RoundRecord:
     times: dict[str, float]
     labeled: list[int]
     selected: list[int]
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    """What the strategy's fit measured (MAGRAL: `strategies.policy_response`); empty for heuristics."""
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> RoundRecord:
@@ -214,6 +225,7 @@ def _round(
             shared[seed] = trained
     state, metrics, pool, times = trained.state, trained.metrics, trained.pool, dict(trained.times)
     selected: list[int] = []
+    diagnostics: dict[str, Any] = {}
     if pool is not None:
         if len(pool) != len(unlabeled):
             raise ValueError(f"learner returned a pool of {len(pool)} images for {len(unlabeled)} unlabeled")
@@ -227,11 +239,12 @@ def _round(
         picks = strategy.rank(pool, batch, np.random.default_rng([seed, r]))
         times["select"] = time.perf_counter() - t
         selected = [int(unlabeled[p.index]) for p in picks[:batch]]
+        diagnostics = dict(getattr(strategy, "diagnostics", {}))
     return RoundRecord(
         strategy=strategy_name, seed=seed, round=r, n_labeled=len(labeled), map=metrics.map,
         ap50=metrics.ap50, per_class_ap=dict(metrics.per_class_ap),
         seconds=sum(times.values()), times=times,
-        labeled=[int(i) for i in labeled], selected=selected,
+        labeled=[int(i) for i in labeled], selected=selected, diagnostics=diagnostics,
     )
 
 

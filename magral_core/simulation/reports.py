@@ -109,6 +109,24 @@ def analyse(
         "full_pool": asdict(full_pool) if full_pool else None,
         "labels_to_reach": {key: labels_to_reach(records, target)
                             for key, target in full_pool_targets(full_pool).items()},
+        "policy_response": policy_response_by_round(records),
+    }
+
+
+def policy_response_by_round(records: Sequence[RoundRecord]) -> dict[str, dict[int, dict[str, float]]]:
+    """{strategy: {round: mean over seeds of each numeric diagnostic}} for rounds whose strategy recorded
+    diagnostics (MAGRAL: overlaps with the untrained and the permuted-reward controller's batches)."""
+    grouped: dict[str, dict[int, list[dict[str, Any]]]] = {}
+    for r in records:
+        if r.diagnostics:
+            grouped.setdefault(r.strategy, {}).setdefault(r.round, []).append(r.diagnostics)
+    return {
+        name: {
+            rnd: {key: float(np.mean([d[key] for d in ds])) for key in ds[0]
+                  if all(isinstance(d.get(key), int | float) for d in ds)} | {"seeds": float(len(ds))}
+            for rnd, ds in sorted(rounds.items())
+        }
+        for name, rounds in sorted(grouped.items())
     }
 
 
@@ -159,6 +177,16 @@ def render_markdown(
         reach = ["/".join("—" if v is None else str(v) for _, v in sorted(per[name].items()))
                  for per in result["labels_to_reach"].values()]
         text += f"| {name} | {cell} | {paired_area} |" + "".join(f" {x} |" for x in reach) + "\n"
+    for name, rounds_of in result["policy_response"].items():
+        text += (f"\nDoes {name}'s batch answer to its reward? Images (of the batch) it shares with the "
+                 "untrained controller's batch and with the batch of a controller trained on the same "
+                 "records with their values permuted, mean over seeds; and the spread (std) of the record "
+                 "values.\n\n"
+                 "| round | batch | shared with untrained | shared with permuted | record value std × 100 |\n"
+                 "|---|---|---|---|---|\n")
+        for rnd, d in rounds_of.items():
+            text += (f"| {rnd} | {d.get('budget', 0):.0f} | {d.get('overlap_untrained', 0):.1f} | "
+                     f"{d.get('overlap_permuted', 0):.1f} | {100 * d.get('record_value_std', 0):.3f} |\n")
     if full_pool:
         text += (f"\nFull-pool model: mAP {100 * full_pool.map:.2f}, AP50 {100 * full_pool.ap50:.2f}. "
                  "Labels to reach a fraction of it: the fewest labeled images whose test mAP reaches it, "

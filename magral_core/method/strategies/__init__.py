@@ -21,6 +21,7 @@ from magral_core.method.strategies.magral import (
     end_fit,
     fit_magral,
     initial_record_specs,
+    policy_response,
 )
 from magral_core.method.strategies.ppal import PpalStrategy
 from magral_core.method.strategies.random_sampling import RandomStrategy
@@ -77,4 +78,5 @@ __all__ = [
     "initial_record_specs",
     "k_center_greedy",
     "make_strategy",
+    "policy_response",
 ]

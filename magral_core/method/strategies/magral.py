@@ -32,12 +32,14 @@ from magral_core.method.strategies.base import Pick, Pool, check_budget, ranking
 
 
 class MagralStrategy:
-    """Deterministic top-B by controller score; the rest of the pool ranked by score too."""
+    """Deterministic top-B by controller score; the rest of the pool ranked by score too. `diagnostics`
+    holds what a fit measured about it (see `policy_response`), for the simulator's round records."""
 
     name = "magral"
 
     def __init__(self, controller: Controller) -> None:
         self.controller = controller
+        self.diagnostics: dict[str, float | int | str] = {}
 
     def rank(self, pool: Pool, budget: int, rng: np.random.Generator) -> list[Pick]:
         batch = check_budget(pool, budget)
@@ -198,3 +200,41 @@ def fit_magral(
     fit = begin_fit(features, budget, evaluate, settings, seed=seed, records=records)
     near = [compute_record(spec, evaluate) for spec in fit.pending]
     return end_fit(fit, features, budget, settings, seed=seed, records=near)
+
+
+def policy_response(
+    features: np.ndarray,
+    budget: int,
+    chosen: MagralStrategy,
+    report: MagralReport,
+    settings: MagralSettings = MagralSettings(),
+    *,
+    seed: int = 0,
+) -> dict[str, float | int | str]:
+    """Whether the chosen batch answers to the reward: how many of its `budget` images the untrained
+    controller (same initialisation) would also pick, and how many a controller trained the same way on the
+    same records with their values permuted picks. `overlap_permuted` near `budget` says the batch does not
+    depend on which records were worth what (flat or noisy values); `overlap_untrained` near `budget` says
+    training barely moved the controller from its initialisation (the entropy bonus moves it even under a flat
+    reward). Also the spread of the record values the policy was trained on, and the estimator used last."""
+    budget = min(budget, len(features))
+    config = ControllerConfig(features.shape[1], variant=settings.variant, hidden=settings.hidden)
+    batch = set(chosen.controller.select(features, budget).tolist())
+    untrained = set(build_controller(config, seed=seed).select(features, budget).tolist())
+    values = np.array([r.value for r in report.records], np.float64)
+    shuffled = np.random.default_rng(seed + 101).permutation(values)
+    permuted = MagralReport(records=[Record(r.indices, float(v), r.source)
+                                     for r, v in zip(report.records, shuffled, strict=True)])
+    controller = build_controller(config, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    for stage in (0, 1):
+        _train_stage(controller, features, budget, settings, permuted, rng, stage=stage, seed=seed)
+    permuted_batch = set(controller.select(features, budget).tolist())
+    return {
+        "budget": budget,
+        "overlap_untrained": len(batch & untrained),
+        "overlap_permuted": len(batch & permuted_batch),
+        "records": len(values),
+        "record_value_std": float(values.std()) if len(values) else 0.0,
+        "estimator": report.estimator[-1] if report.estimator else "",
+    }
