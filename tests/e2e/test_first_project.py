@@ -9,12 +9,14 @@ the current version's boxes listed with their scores in the regions panel; `/sta
 (an image that loads) and the rounds table with both rounds. Screenshots (PNG) go to $MAGRAL_SCREENSHOTS, else
 a temporary directory; `scripts/screenshots.sh` regenerates the README's copies from them.
 
-Toy rounds (TOY_ROUNDS) with a slightly longer schedule and a display threshold of 0.1, so that a detector
-trained on 10 images draws a few boxes; the default 0.3 would show none at this size (the dashboard says so).
+Toy rounds (TOY_ROUNDS) with a slightly longer schedule (256 px, 4 epochs), so that the detector's best boxes
+pass the default display threshold (MAGRAL_PREDICTION_THRESHOLD 0.3); at TOY_ROUNDS' 160 px and one epoch
+they may not, and the annotator would see an empty image.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
 import os
 import subprocess
@@ -47,7 +49,6 @@ PER_ROUND = 10  # MAGRAL_MIN_NEW_ANNOTATIONS' default: a round starts after this
 SETTINGS = TOY_ROUNDS | {
     "MAGRAL_IMAGE_SIZE": "256",
     "MAGRAL_EPOCHS": "4",
-    "MAGRAL_PREDICTION_THRESHOLD": "0.1",
     "MAGRAL_MIN_LABELED": str(2 * PER_ROUND),  # the second round is MAGRAL's
 }
 PAGE_TIMEOUT = 90  # s for a page of Label Studio's editor to render on a busy 2-core machine
@@ -124,11 +125,12 @@ def _log_in(driver: Any, studio: StudioServer, debug: Path) -> None:
 
 
 def _full_page_screenshot(driver: Any, path: Path) -> None:
-    """The whole page, not only the window: the window is made as tall as the document first."""
-    width = driver.get_window_size()["width"]
-    height = int(driver.execute_script("return document.documentElement.scrollHeight"))
-    driver.set_window_size(width, min(height + 20, 4000))
-    driver.save_screenshot(str(path))
+    """The whole page, not only the window (Chromium's DevTools protocol: capture beyond the viewport)."""
+    size = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
+    clip = {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot",
+                                  {"format": "png", "captureBeyondViewport": True, "clip": clip})
+    path.write_bytes(base64.b64decode(shot["data"]))
 
 
 # Label Studio 1.23's editor: the task id in the bottom bar, and the regions panel ("outliner"), one row per
@@ -140,6 +142,8 @@ REGIONS = """Array.from(document.querySelectorAll('.lsf-outliner-item')).map(e =
   (e.querySelector('.lsf-outliner-item__title') || {}).innerText || '',
   (e.querySelector('.lsf-outliner-item__control_type_score') || {}).innerText || ''])"""
 MIN_ROWS = 5
+LABEL_ALL = "Array.from(document.querySelectorAll('button'))" \
+    ".find(b => b.innerText.trim() === 'Label All Tasks')"
 
 
 def test_first_project_as_the_readme_says(
@@ -183,14 +187,19 @@ def test_first_project_as_the_readme_says(
 
     # The annotator: log in, "Label All Tasks" serves the task MAGRAL ranks first, with its boxes drawn.
     _log_in(browser, label_studio, screenshots)
-    browser.get(f"{label_studio.url}/projects/{project.id}/data?labeling=1")
+    browser.get(f"{label_studio.url}/projects/{project.id}/data")
+    # The button, not a link to ?labeling=1: the button sets the stream to "all tasks", which follows the
+    # project's sampling; otherwise the data manager's table order (task id) is served.
+    wait("the Label All Tasks button",
+         f"(() => {{ const b = {LABEL_ALL}; if (b) b.click(); return !!b; }})()")
     shown_task = wait("the task id in the editor's bottom bar", TASK_ID)
     assert int(shown_task) == ranking.task_ids[0]
     rows = min(len(expected), MIN_ROWS)
     regions = wait("the regions panel listing the predicted boxes",
                    f"(() => {{ const r = {REGIONS}; return r.length >= {rows} ? r : null; }})()")
-    wait("the image drawn", "Array.from(document.images).some(i => i.complete && i.naturalWidth > 0"
-                            " && i.src.includes('/data/upload/'))")
+    # The editor loads the task's image into a blob: URL and shows it as the Image tag's <img alt="image">.
+    wait("the task's image loaded", "(() => { const i = document.querySelector('img[alt=\"image\"]');"
+                                    " return i && i.complete && i.naturalWidth > 0; })()")
     time.sleep(1)  # the boxes are drawn on the canvas a frame after the image
     browser.save_screenshot(str(screenshots / "task_with_pre_annotations.png"))
     predicted = {(label, f"{score:.2f}") for label, score in expected}
