@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from magral_core.cli.progress import track
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "bccd"
 
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_speed:
         print(f"{'detector':26} {'params M':>8} {'train s/img':>11} {'(cpu)':>7} {'infer s/img':>11} "
               f"{'(cpu)':>7} {'peak RSS MiB':>12} {'(base)':>7}")
-        for name in args.detectors or sorted(DETECTORS):
+        for name in track(args.detectors or sorted(DETECTORS), desc="detectors", unit="detector"):
             child = subprocess.run(
                 [sys.executable, str(Path(__file__).resolve()), "--one", name, "--data", str(args.data),
                  "--images", str(args.images), "--threads", str(threads)],

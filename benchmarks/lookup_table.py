@@ -48,6 +48,8 @@ from typing import Any
 
 import numpy as np
 
+from magral_core.cli.progress import track
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "bccd"
 
@@ -243,7 +245,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                             training=TrainingSettings(updates=updates))
     specs = initial_record_specs(len(r.unlabeled), budget, magral, seed=args.seed)
     done, record_s = [], []
-    for spec in specs:
+    for spec in track(specs, desc="records", unit="record"):
         with timer("records"):
             start = time.perf_counter()
             done.append(compute_record(spec, proxy))
@@ -322,7 +324,8 @@ def fidelity_study(proxy: Any, pool_size: int, budget: int, features: np.ndarray
 
     rng = np.random.default_rng([seed, 3])
     batches = random_batches(pool_size, budget, count, rng)
-    recs = [compute_record(spec, proxy) for spec in specs(batches, "random", seed=seed)]
+    recs = [compute_record(spec, proxy)
+            for spec in track(specs(batches, "random", seed=seed), desc="fidelity records", unit="record")]
     values = np.array([r.value for r in recs])
     retest = min(16, count)
     again = np.array([proxy(b, seed + 1) for b in batches[:retest]])

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.lookup_table import DEFAULT_DATA, REPO, bench_setup
+from magral_core.cli.progress import track
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -172,7 +173,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             first = reward(batches[0][1], 0)  # the round's one-off work (caching, references, records)
             setup_s = time.perf_counter() - start
             per, vals = [], [first]
-            for _, b in batches[1:]:
+            for _, b in track(batches[1:], desc=f"{name} rewards", unit="batch"):
                 t = time.perf_counter()
                 vals.append(reward(b, 0))
                 per.append(time.perf_counter() - t)
@@ -250,7 +251,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         if value is None:
             continue
         base[seed] = value
-        for k, (kind, b) in enumerate(batches):
+        for k, (kind, b) in track(list(enumerate(batches)), desc=f"seed {seed} retrains", unit="batch"):
             with timer("retrain"):
                 value = real(np.union1d(r.train_part, r.unlabeled[b]), keys[k], seed)
             if value is None:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from magral_core.cli.progress import add_progress_flags, progress_enabled
 from magral_core.cli.train import split_of
 from magral_core.config import Config
 from magral_core.datasets import load_dataset
@@ -24,7 +25,7 @@ def register(sub: Any) -> None:
     parser.add_argument("--data", required=True, type=Path, help="dataset: COCO dir/json, VOC dir, LS export")
     parser.add_argument("--split", default="test", help="split to evaluate (default test)")
     parser.add_argument("--json", type=Path, default=None, help="also write the metrics to this JSON file")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_flags(parser)
     parser.set_defaults(handler=run)
 
 
@@ -39,7 +40,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
     split = split_of(dataset, args.split)
     setup_torch(config.torch_threads)
     model.to(config.device)
-    detections = predict(model, split, score_threshold=config.score_threshold, progress=not args.no_progress)
+    detections = predict(model, split, score_threshold=config.score_threshold,
+                         progress=progress_enabled(args.progress))
     evaluation = evaluate_coco(split, detections)
     if args.json is not None:
         args.json.write_text(json.dumps({"split": args.split, "images": len(split), **evaluation.as_dict()},

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from magral_core.cli.progress import StoreProgress, add_progress_flags
 from magral_core.config import Config
 from magral_core.errors import UserError
 from magral_core.method.policy_training import TrainingSettings
@@ -68,6 +69,7 @@ def register(sub: Any) -> None:
     parser.add_argument("--store", type=Path, default=None,
                         help="directory of the finished rounds (default <out>/rounds); elsewhere keeps --out "
                              "small enough to commit, e.g. under docs/results/")
+    add_progress_flags(parser)
     parser.set_defaults(handler=run)
 
 
@@ -109,6 +111,12 @@ def build_learner(args: argparse.Namespace, config: Config) -> Any:
     return DetectorLearner(split_of(dataset, args.pool_split), split_of(dataset, args.test_split), config)
 
 
+def round_files(store: RoundStore, settings: SimulationSettings) -> list[tuple[str, Path]]:
+    """(label, file) of every round the run will have stored, in the order the serial run makes them."""
+    return [(f"{name} seed {seed} round {r}", store.path(name, seed, r)) for name in settings.strategies
+            for seed in settings.seeds for r in range(settings.rounds + 1)]
+
+
 def run(args: argparse.Namespace, config: Config) -> int:
     settings = parse_settings(args, config)
     if args.jobs < 1:
@@ -130,11 +138,13 @@ def run(args: argparse.Namespace, config: Config) -> int:
                  rec.seed, rec.round, rec.n_labeled, rec.map, rec.ap50, rec.seconds)
 
     store = RoundStore(args.store or args.out / "rounds")
-    if args.jobs > 1:
-        records = run_parallel(learner, settings, jobs=args.jobs, store=store, magral=magral,
-                               torch_seed=config.seed, log_level=config.log_level)
-    else:
-        records = run_simulation(learner, settings, factory=make_factory(magral), store=store, log=report)
+    with StoreProgress(round_files(store, settings), enabled=args.progress):
+        if args.jobs > 1:
+            records = run_parallel(learner, settings, jobs=args.jobs, store=store, magral=magral,
+                                   torch_seed=config.seed, log_level=config.log_level)
+        else:
+            records = run_simulation(learner, settings, factory=make_factory(magral), store=store,
+                                     log=report)
     full = None
     if args.full_pool:
         full_path = store.root / "full_pool.json"

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from magral_core.atomic import atomic_open
+from magral_core.cli.progress import add_progress_flags, bar, progress_enabled
 from magral_core.config import Config
 from magral_core.datasets import load_dataset
 from magral_core.errors import UserError
@@ -40,7 +41,7 @@ def register(sub: Any) -> None:
     parser.add_argument("--learning-rate", type=float, default=None, help="peak SGD rate (default: config)")
     parser.add_argument("--image-size", type=int, default=None, help="longest side in px (default: config)")
     parser.add_argument("--out", required=True, type=Path, help="output directory (created)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_flags(parser)
     parser.set_defaults(handler=run)
 
 
@@ -86,12 +87,20 @@ def run(args: argparse.Namespace, config: Config) -> int:
         raise UserError(f"cannot create output directory {args.out}: {exc.strerror}") from None
 
     setup_torch(config.torch_threads)
-    progress = not args.no_progress
+    progress = progress_enabled(args.progress)
     model = build_detector(detector, num_classes=dataset.num_classes, image_size=image_size,
                            weights_dir=config.weights_dir, seed=config.seed)
-    report = train_detector(model, train, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
-                            seed=config.seed, device=config.device, progress=progress,
-                            cache=DecodedImageCache(train, image_size))
+    with bar(epochs, desc="training", unit="epoch", enabled=progress) as epochs_bar:
+
+        def on_epoch(_epoch: int, loss: float) -> None:
+            epochs_bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            epochs_bar.update(1)
+
+        # The engine's inner bar counts the batches of the running epoch.
+        report = train_detector(model, train, epochs=epochs, batch_size=batch_size,
+                                learning_rate=learning_rate, seed=config.seed, device=config.device,
+                                progress=progress, cache=DecodedImageCache(train, image_size),
+                                on_epoch=on_epoch)
     metrics: dict[str, Any] = {
         "detector": detector, "train_split": args.train_split, "train_images": len(train),
         "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "image_size": image_size,

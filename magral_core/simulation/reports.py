@@ -26,6 +26,7 @@ from magral_core.simulation.statistics import (
     paired_areas,
     paired_differences,
     paired_gain_over_rounds,
+    policy_response_by_round,
     t_interval,
 )
 
@@ -110,23 +111,6 @@ def analyse(
         "labels_to_reach": {key: labels_to_reach(records, target)
                             for key, target in full_pool_targets(full_pool).items()},
         "policy_response": policy_response_by_round(records),
-    }
-
-
-def policy_response_by_round(records: Sequence[RoundRecord]) -> dict[str, dict[int, dict[str, float]]]:
-    """{strategy: {round: mean over seeds of each numeric diagnostic}} for rounds whose strategy recorded
-    diagnostics (MAGRAL: overlaps with the untrained and the permuted-reward controller's batches)."""
-    grouped: dict[str, dict[int, list[dict[str, Any]]]] = {}
-    for r in records:
-        if r.diagnostics:
-            grouped.setdefault(r.strategy, {}).setdefault(r.round, []).append(r.diagnostics)
-    return {
-        name: {
-            rnd: {key: float(np.mean([d[key] for d in ds])) for key in ds[0]
-                  if all(isinstance(d.get(key), int | float) for d in ds)} | {"seeds": float(len(ds))}
-            for rnd, ds in sorted(rounds.items())
-        }
-        for name, rounds in sorted(grouped.items())
     }
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -169,3 +170,20 @@ def paired_gain_over_rounds(
         return float(np.mean([_value(a[r], metric) - _value(b[r], metric) for r in rounds]))
 
     return _paired(records, baseline, gain, first_round=first_round, confidence=confidence)
+
+
+def policy_response_by_round(records: Sequence[RoundRecord]) -> dict[str, dict[int, dict[str, float]]]:
+    """{strategy: {round: mean over seeds of each numeric diagnostic}} for rounds whose strategy recorded
+    diagnostics (MAGRAL: overlaps with the untrained and the permuted-reward controller's batches)."""
+    grouped: dict[str, dict[int, list[dict[str, Any]]]] = {}
+    for r in records:
+        if r.diagnostics:
+            grouped.setdefault(r.strategy, {}).setdefault(r.round, []).append(r.diagnostics)
+    return {
+        name: {
+            rnd: {key: float(np.mean([d[key] for d in ds])) for key in ds[0]
+                  if all(isinstance(d.get(key), int | float) for d in ds)} | {"seeds": float(len(ds))}
+            for rnd, ds in sorted(rounds.items())
+        }
+        for name, rounds in sorted(grouped.items())
+    }

@@ -11,17 +11,24 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import requests
+
+from magral_core.boxes import coco_xywh_to_xyxy, xyxy_to_labelstudio_percent
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "labelstudio.sh"
 LEGACY_TOKEN = "0123456789abcdef0123456789abcdef01234567"  # the script's default, baked into its template
+ADMIN_EMAIL = "admin@example.com"  # the script's admin user and default password, baked into its template
+ADMIN_PASSWORD = "magral-e2e-password"
 INSTALL_TIMEOUT = 1500  # s: pip install (~2 min) + first migrations (1-3 min) on a busy 2-core machine
 START_TIMEOUT = 240  # s: ~15 s from the template, more when the cores are busy
 HTTP_TIMEOUT = 30  # s, every request of the fixtures and tests
@@ -42,6 +49,8 @@ class StudioServer:
     url: str
     token: str
     log: Path
+    email: str = ADMIN_EMAIL
+    password: str = ADMIN_PASSWORD
 
     def api(self, method: str, path: str, **kwargs: object) -> requests.Response:
         """One authenticated request (legacy token) with a timeout; raises on an HTTP error, with the body."""
@@ -154,12 +163,17 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StudioSer
         stop_process_group(process)
 
 
-@pytest.fixture(scope="session")
-def bccd_images(bccd_root: Path) -> tuple[Path, ...]:
-    """The first N_IMAGES BCCD training images by file name (read in place, never copied)."""
+def first_train_images(bccd_root: Path, count: int) -> tuple[Path, ...]:
+    """The first `count` BCCD training images by file name (read in place, never copied)."""
     coco = json.loads((bccd_root / "annotations.json").read_text())
     names = sorted(img["file_name"] for img in coco["images"] if img.get("split") == "train")
-    return tuple(bccd_root / name for name in names[:N_IMAGES])
+    return tuple(bccd_root / name for name in names[:count])
+
+
+@pytest.fixture(scope="session")
+def bccd_images(bccd_root: Path) -> tuple[Path, ...]:
+    """The first N_IMAGES BCCD training images by file name."""
+    return first_train_images(bccd_root, N_IMAGES)
 
 
 def create_project(server: StudioServer, title: str, images: Sequence[Path]) -> StudioProject:
@@ -185,3 +199,125 @@ def create_project(server: StudioServer, title: str, images: Sequence[Path]) -> 
 def bccd_project(label_studio: StudioServer, bccd_images: tuple[Path, ...]) -> StudioProject:
     """A project the tests only read."""
     return create_project(label_studio, "bccd read-only", bccd_images)
+
+
+BACKEND_START_TIMEOUT = 120  # s: gunicorn + embedded Redis + worker
+ROUND_TIMEOUT = 600  # s for one toy round on a busy 2-core machine
+MAIN = "import sys; from magral_core.cli import main; sys.exit(main())"
+TOY_ROUNDS = {  # small images, one epoch, two look-up-table records, a few policy episodes
+    "MAGRAL_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "MAGRAL_IMAGE_SIZE": "160",
+    "MAGRAL_EPOCHS": "1",
+    "MAGRAL_BATCH_SIZE": "2",
+    "MAGRAL_BUDGET": "3",
+    "MAGRAL_LUT_RECORDS": "2",
+    "MAGRAL_POLICY_EPISODES": "5",
+    "MAGRAL_SEED": "0",
+}
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A running `magral serve`: its URL, MAGRAL_HOME and log."""
+
+    url: str
+    home: Path
+    log: Path
+
+    def status(self, project: int) -> dict[str, Any]:
+        """The project's entry of `/status` as JSON ({} before the project is known)."""
+        answer = requests.get(f"{self.url}/status", params={"project": project}, timeout=HTTP_TIMEOUT)
+        answer.raise_for_status()
+        return dict(answer.json()["projects"][0]) if answer.json()["projects"] else {}
+
+
+@contextlib.contextmanager
+def running_backend(studio: StudioServer, home: Path, settings: Mapping[str, str]) -> Iterator[Backend]:
+    """`magral serve` on a free port (embedded Redis and one worker) connected to `studio` with the README's
+    two variables, plus `settings`; stopped (its process group) on exit."""
+    port = free_port()
+    env = clean_env() | {
+        "MAGRAL_HOME": str(home),
+        "MAGRAL_HOST": "127.0.0.1",
+        "MAGRAL_PORT": str(port),
+        "LABEL_STUDIO_URL": studio.url,
+        "LABEL_STUDIO_API_KEY": studio.token,
+        **settings,
+    }
+    log = home / "backend.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-c", MAIN, "serve"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(f"{url}/health", process, log, BACKEND_START_TIMEOUT)
+        yield Backend(url=url, home=home, log=log)
+    finally:
+        stop_process_group(process, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def bccd_coco(bccd_root: Path) -> Any:
+    return json.loads((bccd_root / "annotations.json").read_text())
+
+
+def annotate(server: StudioServer, task_id: int, coco: Any) -> None:
+    """Annotate a task with its BCCD ground-truth boxes (percent of the image, as Label Studio keeps them),
+    through the API the labeling UI's Submit button calls."""
+    task = server.api("GET", f"/api/tasks/{task_id}").json()
+    name = str(task["data"]["image"]).rsplit("/", 1)[-1].split("-", 1)[1]
+    image = next(img for img in coco["images"] if Path(img["file_name"]).name == name)
+    anns = [a for a in coco["annotations"] if a["image_id"] == image["id"]]
+    xyxy = coco_xywh_to_xyxy(np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4))
+    percent = xyxy_to_labelstudio_percent(xyxy, image["width"], image["height"])
+    result = [
+        {
+            "from_name": "label",
+            "to_name": "image",
+            "type": "rectanglelabels",
+            "original_width": image["width"],
+            "original_height": image["height"],
+            "value": {
+                "x": float(x),
+                "y": float(y),
+                "width": float(w),
+                "height": float(h),
+                "rotation": 0,
+                "rectanglelabels": [BCCD_CLASSES[a["category_id"] - 1]],
+            },
+        }
+        for a, (x, y, w, h) in zip(anns, percent, strict=True)
+    ]
+    server.api("POST", f"/api/tasks/{task_id}/annotations/", json={"result": result})
+
+
+def wait_for_version(backend: Backend, project: int, previous: str | None, error_before: Any = None) -> str:
+    """Wait until the backend serves a version other than `previous` with no round running; fail on a new
+    round error or after ROUND_TIMEOUT."""
+    deadline = time.monotonic() + ROUND_TIMEOUT
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        status = backend.status(project)
+        version = status.get("current_version")
+        if version and version != previous and not status.get("running"):
+            return str(version)
+        if status.get("last_error") not in (None, error_before):
+            pytest.fail(f"round failed: {status['last_error']}\nbackend log:\n{tail(backend.log, 40)}")
+        time.sleep(2)
+    pytest.fail(f"no new version within {ROUND_TIMEOUT} s: {status}\nbackend log:\n{tail(backend.log, 40)}")
+
+
+def train_and_wait(
+    server: StudioServer, backend: Backend, project: int, ml_id: int, previous: str | None
+) -> str:
+    """Press "Start training" (POST /api/ml/{id}/train) and wait for a new published version."""
+    error_before = backend.status(project).get("last_error")
+    server.api("POST", f"/api/ml/{ml_id}/train", json={})
+    return wait_for_version(backend, project, previous, error_before)
