@@ -284,6 +284,28 @@ def print_result(result: dict[str, Any]) -> None:
           f"{n['between_batch_std']:.4f}")
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """The table of a result file as Markdown (what the README and docs/rewards.md show)."""
+    status = "complete" if result["complete"] else "incomplete"
+    lines = [
+        f"L = {result['labeled']} (detector {result['detector_train']}, proxy validation "
+        f"{result['proxy_val']}), B = {result['budget']}, {result['image_size']} px: real ΔmAP of "
+        f"{result['batches_done']} batches from {result['trainings_done']} trainings ({status}; seeds "
+        f"{', '.join(map(str, result['seeds']))}), measured on BCCD `val` ({result['val']} images).",
+        "",
+        "| estimator / reference | Spearman ρ | bootstrap 95% | s per record | one-off s |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in result["rho"].items():
+        interval = "—" if np.isnan(row["low"]) else f"[{row['low']:+.2f}, {row['high']:+.2f}]"
+        lines.append(f"| {name} | {row['rho']:+.3f} | {interval} | {row['record_s']:.2f} | "
+                     f"{row['setup_s']:.1f} |")
+    n = result["real_noise"]
+    lines += ["", f"Real ΔmAP: std over training seeds {100 * n['within_seed_std']:.2f} points, between "
+              f"batches {100 * n['between_batch_std']:.2f} points."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true",
@@ -309,7 +331,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--json", type=Path, help="write the table here (after every real training)")
+    parser.add_argument("--markdown", type=Path, metavar="JSON",
+                        help="print the Markdown table of a result file written by --json, and stop")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())), end="")
+        return
     result = measure(args)
     print_result(result)
     if args.json:
