@@ -317,7 +317,7 @@ def split_validation(labeled: np.ndarray, seed: int, fraction: float = ProxySett
     """(train, val) positions of a round's labeled set: the one split the simulator, the benchmarks and the
     proxy share. The task detector is trained on `train` only and the proxy measures on `val`, so the
     proxy's frozen parts were never fit to its validation images (the service holds its validation tasks
-    out of training the same way, `rounds.prepare`). `carve_validation` with the proxy's default share."""
+    out of training the same way, `service.tasks`). `carve_validation` with the proxy's default share."""
     return carve_validation(labeled, fraction, seed)
 
 
