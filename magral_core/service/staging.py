@@ -13,6 +13,7 @@ backend and the benchmarks read and write round files only through this module.
     predictions.json     the predictions pushed to Label Studio, by task id
     ranking.json         the pool best first, with Label Studio scores and the strategy's priorities
     metrics.json         the round's validation metrics and bookkeeping (what `/status` shows)
+    announced.json       in a published version: the steps of telling Label Studio that are done
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ MAGRAL_FIT_FILE = "magral_fit.pt"  # MAGRAL between its two stages of records; u
 RANKING_FILE = "ranking.json"
 METRICS_FILE = "metrics.json"
 LUT_DIR = "lut"
+ANNOUNCED_FILE = "announced.json"  # written into a published version by `stages.announce`
 UNPUBLISHED = (PROXY_CACHE_FILE, MAGRAL_FIT_FILE)  # of no use once ranked (the cache is large)
 
 
@@ -234,3 +236,16 @@ def load_ranking(version_dir: Path) -> dict[str, Any]:
 
 def load_metrics(version_dir: Path) -> Any:
     return read_json(version_dir / METRICS_FILE)
+
+
+def load_announced(version_dir: Path) -> dict[str, Any]:
+    """Which steps of announcing a published version to Label Studio are done ({} before any)."""
+    path = version_dir / ANNOUNCED_FILE
+    data = read_json(path) if path.is_file() else {}
+    return data if isinstance(data, dict) else {}
+
+
+def save_announced(version_dir: Path, done: Mapping[str, Any]) -> None:
+    """The one file a round writes into its version after publishing (the version's models and rankings
+    stay untouched): `{"predictions": bool, "sampling": bool, "time": float}`."""
+    write_json(version_dir / ANNOUNCED_FILE, dict(done))
