@@ -147,7 +147,7 @@ def test_tasks_whose_image_fails_are_counted_with_their_reason_in_the_metrics(tm
 
     def fetch(image: str, *, task_id: int) -> Path:
         if task_id == 4:
-            raise UserError(f"task {task_id}: expected at most 100 pixels (MAGRAL_MAX_IMAGE_PIXELS), found 9x")
+            raise UserError(f"task {task_id}: expected at most 100 pixels (MAGRAL_MAX_IMAGE_PIXELS), found 1")
         return original(image, task_id=task_id)
 
     studio.fetch_image = fetch  # type: ignore[method-assign]

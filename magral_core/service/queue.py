@@ -146,20 +146,31 @@ class RoundQueue:
         return f"{self.prefix}:{int(project)}:{name}"
 
     def _lock(self, project: int) -> Any:
-        return self.connection.lock(self._key(project, "lock"), timeout=30, blocking_timeout=30)
+        return self.connection.lock(self._key(project, "lock"), timeout=30, blocking_timeout=30, sleep=0.01)
 
     # --- events --------------------------------------------------------------------------------------------
     def annotations_changed(self, project: int, count: int, *, min_new: int) -> Decision:
         """Count `count` changed annotations and enqueue a round if they reach `min_new`."""
+        self.connection.incrby(self._key(project, "new"), max(0, int(count)))
+        if self._running_fast(project):
+            return Decision.DEFERRED
         with self._lock(project):
-            self.connection.incrby(self._key(project, "new"), max(0, int(count)))
             return self._enqueue_if_due(project, min_new)
 
     def start_training(self, project: int) -> Decision:
         """START_TRAINING: a round always runs (now, or right after the running one)."""
+        self.connection.set(self._key(project, "forced"), 1)
+        if self._running_fast(project):
+            return Decision.DEFERRED
         with self._lock(project):
-            self.connection.set(self._key(project, "forced"), 1)
             return self._enqueue_if_due(project, min_new=0)
+
+    def _running_fast(self, project: int) -> bool:
+        """A round is marked active, checked without the lock (a burst of webhooks during a round must not
+        queue on it). Safe because the event was counted first: `end_round` deletes the mark before it reads
+        the counts, so a mark seen here means that read comes later and sees this event. A dead round seen
+        here is left to the next `reap`, which enqueues the follow-up these counts ask for."""
+        return bool(self.connection.exists(self._key(project, "active")))
 
     def _enqueue_if_due(self, project: int, min_new: int) -> Decision:
         if self._round_active(project):
@@ -329,8 +340,9 @@ class RoundQueue:
         def dead(reason: str) -> DeadRound:
             return DeadRound(project, version, job_id, reason)
 
+        state = getattr(status, "value", status)
         if job is None or status in ENDED:
-            return dead(f"its job {job_id} {'is gone' if job is None else f'is {status}'} without ending it")
+            return dead(f"its job {job_id} {'is gone' if job is None else f'is {state}'} without ending it")
         if status in WAITING:
             return None  # waiting for a worker: not dead, only slow
         if self.connection.exists(self._key(project, "lease")):
@@ -344,7 +356,7 @@ class RoundQueue:
             return None  # just begun, or Redis itself restarted: give the job one lease to renew
         return dead(
             f"no job of the round renewed its lease for {self.lease_s} s (its worker died) while {job_id} "
-            f"was {status}"
+            f"was {state}"
         )
 
     def _uptime(self) -> float:
