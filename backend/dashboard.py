@@ -166,6 +166,8 @@ def project_view(
             "version": (progress or {}).get("version") or (running or {}).get("version") or "",
         },
         "errors": error_rows(status, latest),
+        "bad_input": status.get("bad_input") or {},
+        "queue_unavailable": status.get("queue_unavailable"),
         "ranking": ranking,
         "next_tasks": ranking_rows(ranking),
     }

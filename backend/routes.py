@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from flask import Blueprint, current_app, jsonify, make_response, request
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from backend import dashboard
 from backend.errors import ApiError
@@ -28,6 +30,11 @@ from magral_core.studio.label_config import LabelConfig, LabelConfigError, parse
 log = logging.getLogger(__name__)
 blueprint = Blueprint("magral", __name__)
 STATUS_POLL_S = 3  # how often the dashboard polls the JSON for the running round's progress
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+QUEUE_UNREACHABLE = (
+    "expected the job queue (Redis) to be reachable, found it unreachable: event not queued; nothing is "
+    "lost, the next round re-reads every annotation from Label Studio and picks this event up"
+)
 
 
 def _services() -> Services:
@@ -85,13 +92,15 @@ def setup() -> Any:
     schema = body.get("schema")
     if not isinstance(schema, str) or not schema.strip():
         message = f"expected 'schema' (the project's label config XML), found {schema!r:.80}"
-        services.store.record_error(project, message, stage="setup")
+        _record_setup_error(project, body, message)
         raise ApiError(400, message)
     try:
         parse_label_config(schema)
     except LabelConfigError as exc:
-        services.store.record_error(project, str(exc), stage="setup")
+        _record_setup_error(project, body, str(exc))
         raise ApiError(422, str(exc)) from None
+    if project in services.store.projects():
+        services.store.clear_error(project, stage="setup")
     if services.store.load_label_config(project) != schema:
         services.store.save_label_config(project, schema)
     details = {k: body[k] for k in ("hostname", "access_token") if isinstance(body.get(k), str) and body[k]}
@@ -99,8 +108,26 @@ def setup() -> Any:
         services.store.save_connection(project, details)
     config = current_app.config["MAGRAL_CONFIG"]
     if config.basic_auth_user and services.queue is not None:
-        services.queue.enqueue_webhook_auth(project, request.host_url)
+        try:
+            services.queue.enqueue_webhook_auth(project, request.host_url)
+        except REDIS_DOWN as exc:  # the next /setup asks again
+            log.warning("project=%s webhook auth not queued: %s", project, exc)
     return jsonify({"model_version": _version_name(project)})
+
+
+def _record_setup_error(project: int, body: Mapping[str, Any], message: str) -> None:
+    """Keep a refused setup for `/status`, but only for a project this backend knows (no state for one
+    never seen before) and only from a request that can be trusted: behind basic auth, or well-formed
+    (a string schema with Label Studio's hostname and token). A round's error is kept apart."""
+    services = _services()
+    if project not in services.store.projects():
+        return
+    authenticated = bool(current_app.config["MAGRAL_CONFIG"].basic_auth_user)
+    well_formed = isinstance(body.get("schema"), str) and all(
+        isinstance(body.get(k), str) and body[k] for k in ("hostname", "access_token")
+    )
+    if authenticated or well_formed:
+        services.store.record_error(project, message, stage="setup")
 
 
 @blueprint.post("/predict")
@@ -131,6 +158,15 @@ def webhook() -> Any:
             503, "expected a job queue (REDIS_URL or `magral serve`), found none: event not queued"
         )
     assert event.project is not None  # every non-ignored event names its project
+    try:
+        return _queue_event(services, event)
+    except REDIS_DOWN as exc:
+        log.warning("project=%s webhook %s not queued: %s", event.project, event.action, exc)
+        raise ApiError(503, QUEUE_UNREACHABLE, action=event.action, project=event.project) from None
+
+
+def _queue_event(services: Services, event: Any) -> Any:
+    assert services.queue is not None and event.project is not None
     config = current_app.config["MAGRAL_CONFIG"]
     answer: dict[str, Any] = {"action": event.action, "project": event.project}
     if event.kind == "training":

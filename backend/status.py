@@ -14,6 +14,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from backend.curve_plot import render_curve_png
 from backend.services import Services
 from backend.task_ranking import top_tasks
@@ -24,6 +27,8 @@ from magral_core.service.store import ModelStore
 
 log = logging.getLogger(__name__)
 ROUND_KEYS = ("map", "ap50", "n_labeled", "n_unlabeled", "strategy")
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+QUEUE_UNAVAILABLE = "the job queue (Redis) is unreachable: shown from the model store alone"
 
 
 class VersionCache:
@@ -86,8 +91,21 @@ def cached_forecast(
 def project_status(
     services: Services, project: int, config: Config, cache: VersionCache, rounds: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    """One project's entry of `/status` (JSON)."""
+    """One project's entry of `/status` (JSON). A dead round is abandoned first (so its failure shows in
+    `last_error` and it never shows as running); with Redis unreachable the queue's fields are None and
+    `queue_unavailable` says so. `bad_input` is the latest round's tasks without boxes and why."""
     store = services.store
+    queue_part: dict[str, Any] = {"running": None, "pending_annotations": None}
+    if services.queue is not None:
+        try:
+            services.queue.reap_project(project, min_new=config.min_new_annotations)
+            queue_part = {
+                "running": services.queue.running(project),
+                "pending_annotations": services.queue.pending_annotations(project),
+            }
+        except REDIS_DOWN as exc:
+            log.warning("project=%s status without the queue: %s", project, exc)
+            queue_part["queue_unavailable"] = QUEUE_UNAVAILABLE
     current = store.current_version(project)
     summary = [{k: r.get(k) for k in ROUND_KEYS} | {"version": r["version"]} for r in rounds]
     latest = summary[-1] if summary else {}
@@ -98,30 +116,33 @@ def project_status(
         "unlabeled": latest.get("n_unlabeled"),
         "rounds": summary,
         "last_error": store.last_error(project),
-        "running": None,
-        "pending_annotations": None,
+        "errors": store.errors(project),
+        "bad_input": rounds[-1].get("bad_input") if rounds else None,
+        **queue_part,
         "forecast": cached_forecast(cache, project, current, rounds, config),
     }
-    if services.queue is not None:
-        info["running"] = services.queue.running(project)
-        info["pending_annotations"] = services.queue.pending_annotations(project)
     return info
 
 
 def queue_status(services: Services) -> dict[str, Any] | None:
-    """Jobs waiting and running in the round queue and the workers listening on it (None without Redis)."""
+    """Jobs waiting and running in the round queue and the workers listening on it (None without Redis;
+    `available` False with an `error` while Redis is unreachable)."""
     if services.queue is None:
         return None
     from rq import Worker
     from rq.registry import StartedJobRegistry
 
     queue = services.queue.queue
-    return {
-        "name": queue.name,
-        "queued": queue.count,
-        "started": StartedJobRegistry(queue=queue).count,
-        "workers": Worker.count(queue=queue),
-    }
+    try:
+        return {
+            "name": queue.name,
+            "available": True,
+            "queued": queue.count,
+            "started": StartedJobRegistry(queue=queue).count,
+            "workers": Worker.count(queue=queue),
+        }
+    except REDIS_DOWN as exc:
+        return {"name": queue.name, "available": False, "error": f"{QUEUE_UNAVAILABLE} ({exc})"}
 
 
 def progress_of(running: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -41,7 +41,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,6 +152,15 @@ class LocalStudio:
 
     def fetch_image(self, image: str, *, task_id: int) -> Path:
         return self.paths[image]
+
+    def add_webhook_header(self, project_id: int, prefix: str, headers: Mapping[str, str]) -> int:
+        return 0
+
+    def model_versions(self, project_id: int) -> dict[str, int]:
+        return {}
+
+    def delete_predictions(self, project_id: int, keep_versions: Collection[str]) -> int:
+        return 0
 
 
 def bench_env(home: Path, size: Size, threads: int) -> dict[str, str]:

@@ -110,12 +110,40 @@ def test_setup_rejects_a_config_without_rectangles_and_status_shows_it(client: F
         '<View><Image name="i" value="$image"/>'
         '<Choices name="c" toName="i"><Choice value="a"/></Choices></View>'
     )
+    assert client.post("/setup", json=SETUP).status_code == 200
     response = client.post("/setup", json={**SETUP, "schema": schema})
     assert response.status_code == 422
     message = response.get_json()["error"]
     assert "expected a <RectangleLabels>" in message and "Choices(c)" in message
     status = client.get("/status?project=2").get_json()["projects"][0]
     assert status["last_error"]["stage"] == "setup" and "RectangleLabels" in status["last_error"]["message"]
+    assert client.post("/setup", json=SETUP).status_code == 200  # an accepted setup clears it
+    assert client.get("/status?project=2").get_json()["projects"][0]["last_error"] is None
+
+
+def test_setup_of_an_unknown_project_creates_no_state_until_its_schema_parses(client: FlaskClient) -> None:
+    bad = ({**SETUP, "project": 9, "schema": "<View>"}, {"project": 9}, {**SETUP, "project": 9, "schema": ""})
+    for body in bad:
+        assert client.post("/setup", json=body).status_code in (400, 422)
+    assert client.get("/status").get_json()["projects"] == []
+    assert client.post("/setup", json={**SETUP, "project": 9}).status_code == 200
+    assert [p["project"] for p in client.get("/status").get_json()["projects"]] == [9]
+
+
+def test_an_anonymous_malformed_setup_cannot_overwrite_a_projects_errors(
+    client: FlaskClient, app: Flask
+) -> None:
+    services: Services = app.config["MAGRAL_SERVICES"]
+    assert client.post("/setup", json=SETUP).status_code == 200
+    services.store.record_error(2, "RuntimeError: the round's own failure", stage="round")
+    for body in ({"project": 2}, {"project": 2, "schema": "<View>"}, {"project": 2, "schema": 7}):
+        assert client.post("/setup", json=body).status_code in (400, 422)
+    errors = client.get("/status?project=2").get_json()["projects"][0]["errors"]
+    assert list(errors) == ["round"] and "own failure" in errors["round"]["message"]
+    # a well-formed one (what Label Studio sends) is recorded apart, and the round's error is kept
+    assert client.post("/setup", json={**SETUP, "schema": "<View>"}).status_code == 422
+    errors = client.get("/status?project=2").get_json()["projects"][0]["errors"]
+    assert sorted(errors) == ["round", "setup"] and "own failure" in errors["round"]["message"]
 
 
 def test_predict_before_training_gives_one_empty_untrained_result_per_task(client: FlaskClient) -> None:

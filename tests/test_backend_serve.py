@@ -160,3 +160,13 @@ def test_serve_runs_web_queue_and_worker_together(tmp_path: Path) -> None:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
     assert server.returncode == 0
+
+
+def test_the_embedded_worker_is_restarted_at_once_then_with_growing_backoff() -> None:
+    from magral_core.cli.serve import RESTART_MAX_S, restart_delay
+
+    assert restart_delay([], 100.0) == 0.0
+    assert restart_delay([10.0], 100.0) == 0.0  # the last restart was over a minute ago
+    assert restart_delay([90.0], 100.0) == 1.0
+    assert restart_delay([70.0, 80.0, 90.0], 100.0) == 4.0
+    assert restart_delay([99.0] * 20, 100.0) == RESTART_MAX_S

@@ -83,8 +83,10 @@ def test_a_round_whose_worker_died_does_not_block_the_project(redis_db: Redis) -
     assert job is not None
     assert queue.annotations_changed(1, 1, min_new=1) is Decision.DEFERRED
     job.set_status(JobStatus.FAILED)  # e.g. rq found it abandoned by a killed worker; no end_round came
-    assert queue.annotations_changed(1, 1, min_new=1) is Decision.ENQUEUED
-    assert queue.queue.job_ids == [round_job_id(1)]
+    dead = queue.reap_project(1, min_new=1)  # what a worker does every few seconds
+    assert dead is not None and "failed" in dead.reason
+    assert queue.queue.job_ids == [round_job_id(1)]  # the deferred events' round, without a new event
+    assert queue.annotations_changed(1, 1, min_new=1) is Decision.COALESCED
 
 
 def test_event_between_pick_up_and_begin_is_covered_by_that_round(redis_db: Redis) -> None:

@@ -23,7 +23,7 @@ from service_fixtures import (
 )
 
 from magral_core.errors import StoreError, UserError
-from magral_core.service import stages, tasks
+from magral_core.service import bad_input, stages, tasks
 from magral_core.service import staging as files
 from magral_core.service.store import ModelStore
 from magral_core.structures import Detections
@@ -87,13 +87,88 @@ def test_failed_round_keeps_the_served_version_and_records_the_error(tmp_path: P
     store = ModelStore(tmp_path / "store")
     config = toy_config(tmp_path)
     first = stages.run_round(1, client=studio, store=store, config=config, steps=toy_steps())
+
+    def broken_train(*args: Any) -> Any:
+        raise RuntimeError("out of memory")
+
+    steps = replace(toy_steps(), train=broken_train)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        stages.run_round(1, client=studio, store=store, config=config, steps=steps)
+    assert store.current_version(1) == first and store.list_versions(1) == [first]
+    error = store.last_error(1)
+    assert error is not None and "out of memory" in error["message"]
+    assert not list((store.project_dir(1) / "staging").iterdir())
+    assert not list((store.project_dir(1) / "reserved").iterdir())  # its name is free again
+
+
+def test_publish_comes_before_label_studio_and_a_rerun_completes_the_announcement(tmp_path: Path) -> None:
+    studio = studio_with(tmp_path, labeled=[1], unlabeled=[2, 3])
+    store = ModelStore(tmp_path / "store")
+    config = toy_config(tmp_path)
+    first = stages.run_round(1, client=studio, store=store, config=config, steps=toy_steps())
     studio.fail_import = True
     with pytest.raises(RuntimeError, match="import failed"):
         stages.run_round(1, client=studio, store=store, config=config, steps=toy_steps())
-    assert store.current_version(1) == first and store.list_versions(1) == [first]
+    second = store.current_version(1)
+    assert second is not None and second != first  # published: /predict serves it
+    assert studio.served == [(1, first)]  # Label Studio still samples by a version the store has
+    assert not stages.announced(store, 1, second)
     error = store.last_error(1)
-    assert error is not None and "import failed" in error["message"]
-    assert not list((store.project_dir(1) / "staging").iterdir())
+    assert error is not None and "import failed" in error["message"] and second in error["message"]
+    studio.fail_import = False
+    done = stages.announce(1, second, studio, store, keep_previous=1)
+    assert done["predictions"] and done["sampling"] and done["pruned"] and stages.announced(store, 1, second)
+    assert studio.served == [(1, first), (1, second)]
+    pushed = [p for p in studio.imported if p["model_version"] == second]
+    assert sorted(p["task"] for p in pushed) == [2, 3]
+    stages.announce(1, second, studio, store, keep_previous=1)  # idempotent: nothing pushed twice
+    assert len([p for p in studio.imported if p["model_version"] == second]) == 2
+    assert not (store.version_dir(1, second) / "announced.json").exists()  # the version stays as published
+    assert studio.served[-1] == (1, second) and len(studio.served) == 2
+    for version in {v for _, v in studio.served}:
+        assert version in store.list_versions(1)
+
+
+def test_announcing_keeps_the_served_version_and_the_previous_ones_asked_for(tmp_path: Path) -> None:
+    studio = studio_with(tmp_path, labeled=[1], unlabeled=[2, 3])
+    store = ModelStore(tmp_path / "store")
+    config = toy_config(tmp_path, keep_prediction_versions=1)
+    versions = [stages.run_round(1, client=studio, store=store, config=config, steps=toy_steps())
+                for _ in range(4)]
+    assert {p["model_version"] for p in studio.imported} == set(versions[-2:])  # current + previous one
+    stages.run_round(1, client=studio, store=store, config=toy_config(tmp_path, keep_prediction_versions=0),
+                     steps=toy_steps())
+    assert {p["model_version"] for p in studio.imported} == {store.current_version(1)}
+
+
+def test_announce_asks_label_studio_to_delete_all_but_the_kept_versions(tmp_path: Path) -> None:
+    studio = studio_with(tmp_path, labeled=[1], unlabeled=[2])
+    kept: list[tuple[int, list[str]]] = []
+    studio.delete_predictions = lambda project, keep: kept.append((project, list(keep)))  # type: ignore[attr-defined]
+    store = ModelStore(tmp_path / "store")
+    config = toy_config(tmp_path)
+    first = stages.run_round(1, client=studio, store=store, config=config, steps=toy_steps())
+    second = stages.run_round(1, client=studio, store=store, config=config, steps=toy_steps())
+    assert kept == [(1, [first]), (1, [first, second])]
+
+
+def test_tasks_whose_image_fails_are_counted_with_their_reason_in_the_metrics(tmp_path: Path) -> None:
+    studio = studio_with(tmp_path, labeled=[1], unlabeled=[2, 3, 4])
+    (studio.root / "img3.png").unlink()  # 404
+    store = ModelStore(tmp_path / "store")
+    original = studio.fetch_image
+
+    def fetch(image: str, *, task_id: int) -> Path:
+        if task_id == 4:
+            raise UserError(f"task {task_id}: expected at most 100 pixels (MAGRAL_MAX_IMAGE_PIXELS), found 1")
+        return original(image, task_id=task_id)
+
+    studio.fetch_image = fetch  # type: ignore[method-assign]
+    version = stages.run_round(1, client=studio, store=store, config=toy_config(tmp_path), steps=toy_steps())
+    bad = store.load_metrics(1, version)["bad_input"]
+    assert bad["count"] == 2 and bad["by_reason"] == {"fetch_failed": 1, "over_pixel_limit": 1}
+    assert [(b["task"], b["reason"]) for b in bad["last"]] == [(3, "fetch_failed"), (4, "over_pixel_limit")]
+    assert "MAGRAL_MAX_IMAGE_PIXELS" in bad["last"][1]["message"]
 
 
 def test_round_without_annotations_or_box_control_is_a_user_error(tmp_path: Path) -> None:
@@ -233,3 +308,17 @@ def test_a_record_of_the_wrong_schema_fails_the_round_and_keeps_the_served_versi
         steps = replace(toy_steps(), strategy=Broken)
         stages.run_round(1, client=studio, store=store, config=config, steps=steps)
     assert store.current_version(1) is None and studio.imported == []
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        ("task 3: image /x.png: expected an answer 200, found 404", "fetch_failed"),
+        ("task 3: image /x.png: expected an image file, found 12 bytes of text/html that do not decode as "
+         "an image", "not_an_image"),
+        ("task 3: image /x.png: expected at most 89478485 pixels (MAGRAL_MAX_IMAGE_PIXELS), found "
+         "30000x30000", "over_pixel_limit"),
+    ],
+)
+def test_input_reason_names_why_a_task_has_no_boxes(message: str, reason: str) -> None:
+    assert bad_input.input_reason(message) == reason

@@ -7,6 +7,11 @@ set it runs the web server alone; start workers with `magral worker` (as many as
 look-up-table records of a round run in parallel across workers).
 
 This module imports neither torch nor the models: only `magral worker` does, in its entry, before forking.
+
+Faults: `magral serve` restarts its embedded worker when it dies (backoff up to `RESTART_MAX_S`). `magral
+worker` survives Redis outages: rq's worker returns from `work()` on a lost connection, so the entry builds
+a new one and retries with backoff (1 s doubling to `RETRY_MAX_S`), indefinitely; a reaper thread abandons
+rounds whose worker died (`RoundQueue.reap`, every `REAP_S`) so their deferred follow-ups run.
 """
 
 from __future__ import annotations
@@ -17,16 +22,24 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from magral_core.config import Config
 from magral_core.errors import UserError
 
 log = logging.getLogger(__name__)
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 
 PYTHON_MAIN = "import sys; from magral_core.cli import main; sys.exit(main())"
+RESTART_MAX_S = 30.0  # longest wait before `magral serve` restarts its embedded worker
+RETRY_MAX_S = 8.0  # longest wait between a worker's reconnection attempts while Redis is unreachable
+REAP_S = 5.0  # how often a worker looks for rounds whose worker died
 
 
 def register(sub: Any) -> None:
@@ -64,9 +77,13 @@ def run_serve(args: argparse.Namespace, config: Config) -> int:
         embedded = start_embedded_redis(config.home / "redis")
         env["REDIS_URL"] = f"unix://{embedded.socket_file}?db=0"
         log.info("embedded redis at %s", embedded.socket_file)
-        children.append(subprocess.Popen([sys.executable, "-c", PYTHON_MAIN, "worker"], env=env))
-    children.append(subprocess.Popen(web_command(args, config), env=env))
+    worker_command = [sys.executable, "-c", PYTHON_MAIN, "worker"]
+    if embedded is not None:
+        children.append(subprocess.Popen(worker_command, env=env))
+    web = subprocess.Popen(web_command(args, config), env=env)
+    children.append(web)
     stopping = False
+    restarts: list[float] = []
 
     def stop(signum: int, _frame: Any) -> None:
         nonlocal stopping
@@ -77,11 +94,19 @@ def run_serve(args: argparse.Namespace, config: Config) -> int:
     code = 0
     try:
         while not stopping:
-            exited = [c for c in children if c.poll() is not None]
-            if exited:
-                code = exited[0].returncode or 1
-                log.error("a child process exited (pid=%s code=%s): stopping", exited[0].pid, code)
+            if web.poll() is not None:
+                code = web.returncode or 1
+                log.error("the web server exited (pid=%s code=%s): stopping", web.pid, code)
                 break
+            for i, child in enumerate(children):
+                if child is web or child.poll() is None:
+                    continue
+                delay = restart_delay(restarts, time.monotonic())
+                log.error("the worker exited (pid=%s code=%s): restarting it in %.0f s", child.pid,
+                          child.returncode, delay)
+                time.sleep(delay)
+                restarts.append(time.monotonic())
+                children[i] = subprocess.Popen(worker_command, env=env)
             time.sleep(0.5)
     finally:
         for child in children:
@@ -95,6 +120,13 @@ def run_serve(args: argparse.Namespace, config: Config) -> int:
         if embedded is not None:
             embedded.shutdown()
     return code
+
+
+def restart_delay(restarts: list[float], now: float) -> float:
+    """Seconds to wait before restarting a dead worker: none for the first death in a minute, then doubling
+    with each restart of the last minute (a worker dying at start must not spin), at most RESTART_MAX_S."""
+    recent = sum(1 for t in restarts if now - t < 60.0)
+    return 0.0 if recent == 0 else min(RESTART_MAX_S, 2.0 ** (recent - 1))
 
 
 def web_command(args: argparse.Namespace, config: Config) -> list[str]:
@@ -146,9 +178,6 @@ def run_worker(args: argparse.Namespace, config: Config) -> int:
             "expected REDIS_URL (e.g. redis://127.0.0.1:6379/0) for `magral worker`, found none; "
             "`magral serve` without REDIS_URL runs its own worker"
         )
-    from redis import Redis
-    from rq import Queue
-
     # torch, the detectors and the strategies are imported before the fork on purpose: every job starts warm
     import magral_core.service.jobs  # noqa: F401
     from magral_core.service import context
@@ -158,14 +187,76 @@ def run_worker(args: argparse.Namespace, config: Config) -> int:
     setup_torch(config.torch_threads)
     # the configuration (secrets included) comes from this process's environment, never through Redis
     context.install(context.WorkerContext(config))
-    connection = Redis.from_url(config.redis_url)
-    worker = torch_worker_class()(
-        [Queue(args.queue or QUEUE_NAME, connection=connection)], connection=connection
-    )
-    worker.torch_threads = config.torch_threads
-    log.info("worker threads=%d queue=%s", config.torch_threads, args.queue or QUEUE_NAME)
-    worker.work(burst=args.burst, logging_level=config.log_level.upper())
+    work_forever(config, args.queue or QUEUE_NAME, burst=args.burst)
     return 0
+
+
+def work_forever(config: Config, queue_name: str, *, burst: bool = False) -> None:
+    """Run the (torch) worker on `queue_name` with the installed worker context until asked to stop (or,
+    with `burst`, until the queue is empty), reconnecting with backoff whenever Redis is lost."""
+    from redis import Redis
+    from rq import Queue
+
+    log.info("worker threads=%d queue=%s", config.torch_threads, queue_name)
+    if not burst:
+        start_reaper(config, queue_name)
+    delay = 1.0
+    while True:
+        began = time.monotonic()
+        worker = None
+        try:
+            connection = Redis.from_url(config.redis_url)
+            worker = torch_worker_class()([Queue(queue_name, connection=connection)], connection=connection)
+            worker.torch_threads = config.torch_threads
+            worker.work(burst=burst, logging_level=config.log_level.upper())
+        except REDIS_DOWN as exc:
+            log.warning("worker: Redis unreachable (%s)", exc)
+        if burst or (worker is not None and stop_requested(worker)):
+            return
+        # rq's work() returns on a lost connection: wait, then a fresh worker (and connection)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        delay = 1.0 if time.monotonic() - began > 60 else delay
+        log.warning("worker stopped without being asked to: reconnecting in %.0f s", delay)
+        time.sleep(delay)
+        delay = min(RETRY_MAX_S, delay * 2)
+
+
+def stop_requested(worker: Any) -> bool:
+    """Whether rq's worker left its loop because it was asked to (SIGTERM/SIGINT), not on a lost Redis."""
+    return bool(getattr(worker, "_stop_requested", False)) or (
+        getattr(worker, "_shutdown_requested_date", None) is not None
+    )
+
+
+def start_reaper(config: Config, queue_name: str) -> threading.Thread:
+    """A daemon thread abandoning, every REAP_S, the rounds whose worker died (see `RoundQueue.reap`);
+    Redis errors are logged and retried."""
+    from redis import Redis
+
+    from magral_core.service import context
+    from magral_core.service.queue import RoundQueue
+
+    def reap_forever() -> None:
+        queue = RoundQueue(
+            Redis.from_url(config.redis_url, socket_connect_timeout=2, socket_timeout=5),
+            queue_name=queue_name, round_timeout=config.round_timeout,
+            on_abandoned=context.recovery(context.store_for(config)),
+        )
+        while True:
+            try:
+                for dead in queue.reap(min_new=config.min_new_annotations):
+                    log.warning("project=%s version=%s abandoned: %s", dead.project, dead.version,
+                                dead.reason)
+            except REDIS_DOWN as exc:
+                log.debug("reaper: Redis unreachable (%s)", exc)
+            except Exception:
+                log.exception("reaper: unexpected error")
+            time.sleep(REAP_S)
+
+    thread = threading.Thread(target=reap_forever, name="magral-reaper", daemon=True)
+    thread.start()
+    return thread
 
 
 def torch_worker_class() -> type:

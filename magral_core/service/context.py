@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from magral_core.config import Config
-from magral_core.service import bindings
+from magral_core.service import bindings, stages
+from magral_core.service.queue import AbandonHook, DeadRound, RoundQueue
 from magral_core.service.steps import RoundSteps, StudioAdmin
 from magral_core.service.store import ModelStore
 
@@ -22,6 +23,18 @@ from magral_core.service.store import ModelStore
 def store_for(config: Config) -> ModelStore:
     """The model store of a config: `<home>/projects`."""
     return ModelStore(config.home / "projects")
+
+
+def recovery(store: ModelStore) -> AbandonHook:
+    """What is done with a dead round (the `RoundQueue.on_abandoned` of workers and of the web): mark it
+    failed and drop its files (`stages.abandon`); if it had published but not told Label Studio, queue the
+    announcement."""
+
+    def on_abandoned(queue: RoundQueue, dead: DeadRound) -> None:
+        if stages.abandon(store, dead.project, dead.version, dead.reason):
+            queue.enqueue_announce(dead.project, dead.version)
+
+    return on_abandoned
 
 
 def make_client(config: Config, store: ModelStore, project: int) -> StudioAdmin:

@@ -3,15 +3,24 @@ record index, task ids), never objects and never configuration; each reads its w
 (`service.context`) and enqueues what follows through `service.queue`.
 
 Jobs let exceptions propagate (rq records the failure) after writing the error into the store, where
-`/status` reads it. Progress goes into `job.meta["progress"]` = {"stage", "fraction", "version"}.
+`/status` reads it. Progress goes into `job.meta["progress"]` = {"stage", "fraction", "version"} (best
+effort: a Redis outage does not fail a training job). Every job of a round holds the round's lease while it
+runs (a heartbeat thread renews it, `RoundQueue.renew_lease`), so a round whose worker dies is found within
+seconds (see `service.queue`).
+
+Kept as one module because rq finds every job under one dotted prefix (`queue.JOBS`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import get_current_job
 from rq.job import Job
 
@@ -26,8 +35,44 @@ from magral_core.service.tasks import latest_annotation
 log = logging.getLogger(__name__)
 
 
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+
+
 def _coordinator(job: Job, config: Config) -> RoundQueue:
-    return RoundQueue(job.connection, queue_name=job.origin, round_timeout=config.round_timeout)
+    return RoundQueue(
+        job.connection, queue_name=job.origin, round_timeout=config.round_timeout,
+        on_abandoned=context.recovery(context.store_for(config)),
+    )
+
+
+@contextmanager
+def _lease(job: Job | None, config: Config, project: int, version: str) -> Iterator[None]:
+    """Renew the round's lease every third of its life while the body runs (a thread: the body may hold the
+    GIL-releasing training loop for minutes). Redis errors are logged, never raised."""
+    if job is None:
+        yield
+        return
+    coordinator = _coordinator(job, config)
+    stop = threading.Event()
+
+    def renew() -> None:
+        try:
+            coordinator.renew_lease(project, version)
+        except REDIS_DOWN as exc:
+            log.warning("project=%s version=%s lease not renewed: %s", project, version, exc)
+
+    def beat() -> None:
+        while not stop.wait(coordinator.lease_s / 3):
+            renew()
+
+    renew()
+    thread = threading.Thread(target=beat, name=f"lease-{project}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 def _reporter(job: Job | None, version: str) -> Progress:
@@ -35,7 +80,10 @@ def _reporter(job: Job | None, version: str) -> Progress:
         if job is None:
             return
         job.meta["progress"] = {"stage": stage, "fraction": round(float(fraction), 3), "version": version}
-        job.save_meta()
+        try:
+            job.save_meta()
+        except REDIS_DOWN as exc:  # progress is for /status only: the round goes on
+            log.warning("version=%s progress not saved: %s", version, exc)
 
     return report
 
@@ -53,10 +101,13 @@ def _fail(
     """Record a failed round where /status reads it, drop its staging directory, let the next round start."""
     store = ctx.store
     store.record_error(project, f"{type(exc).__name__}: {exc}", stage="round")
+    version = _version_of(str(staging_dir)) if staging_dir is not None else None
     if staging_dir is not None:
         store.discard(staging_dir)
+        if version not in store.list_versions(project):
+            store.release(project, str(version))
     log.error("project=%s round failed: %s: %s", project, type(exc).__name__, exc)
-    _coordinator(job, ctx.config).end_round(project, min_new=ctx.config.min_new_annotations)
+    _coordinator(job, ctx.config).end_round(project, min_new=ctx.config.min_new_annotations, version=version)
 
 
 def _round_context(staging_dir: str, job: Job | None) -> tuple[WorkerContext, stages.RoundContext]:
@@ -74,6 +125,7 @@ def start_round(project: int) -> str:
     ctx = context.current()
     store = ctx.store
     coordinator = _coordinator(job, ctx.config)
+    _announce_served(project, ctx)
     version = store.reserve_version(project)
     state = coordinator.begin_round(project, job_id=job.id, version=version)
     log.info(
@@ -100,8 +152,9 @@ def prepare_round(project: int, staging_dir: str) -> str:
     job = _current_job()
     ctx, round_ctx = _round_context(staging_dir, job)
     try:
-        plan = stages.prepare(project, _version_of(staging_dir), Path(staging_dir), ctx.client(project),
-                              ctx.store, round_ctx)
+        with _lease(job, ctx.config, project, _version_of(staging_dir)):
+            plan = stages.prepare(project, _version_of(staging_dir), Path(staging_dir), ctx.client(project),
+                                  ctx.store, round_ctx)
         then = Stage.PROPOSE if plan.lut_records else Stage.FINISH
         _fan_out(job, ctx.config, project, staging_dir, range(plan.lut_records), then)
         return plan.version
@@ -117,7 +170,8 @@ def propose_round(project: int, staging_dir: str) -> str:
     ctx, round_ctx = _round_context(staging_dir, job)
     try:
         round_ctx.progress("policy", 0.0)
-        more = stages.propose(Path(staging_dir), round_ctx)
+        with _lease(job, ctx.config, project, _version_of(staging_dir)):
+            more = stages.propose(Path(staging_dir), round_ctx)
         _fan_out(job, ctx.config, project, staging_dir, more, Stage.FINISH)
         return _version_of(staging_dir)
     except Exception as exc:
@@ -140,22 +194,51 @@ def _fan_out(job: Job, config: Config, project: int, staging_dir: str, indices: 
 
 def lut_record(project: int, staging_dir: str, index: int) -> str:
     """One look-up-table record of a round (independent of the others). Returns the record's path."""
-    _ctx, round_ctx = _round_context(staging_dir, get_current_job())
+    job = get_current_job()
+    ctx, round_ctx = _round_context(staging_dir, job)
     round_ctx.progress("lookup_table", 0.0)
-    return str(stages.lut_record(Path(staging_dir), index, round_ctx))
+    with _lease(job, ctx.config, project, _version_of(staging_dir)):
+        return str(stages.lut_record(Path(staging_dir), index, round_ctx))
 
 
 def finish_round(project: int, staging_dir: str) -> str:
-    """Fan-in job: rank, push predictions, publish (see `stages.finish`). Returns the published version."""
+    """Fan-in job: rank and publish (see `stages.finish`), then tell Label Studio (`stages.announce`; when
+    that fails, the version still serves `/predict` and the next round or `announce_version` completes it).
+    Returns the published version."""
     job = _current_job()
     ctx, round_ctx = _round_context(staging_dir, job)
+    version = _version_of(staging_dir)
     try:
-        version = stages.finish(Path(staging_dir), ctx.client(project), ctx.store, round_ctx)
+        with _lease(job, ctx.config, project, version):
+            stages.finish(Path(staging_dir), ctx.store, round_ctx)
+            stages.announce(project, version, ctx.client(project), ctx.store,
+                            keep_previous=ctx.config.keep_prediction_versions, progress=round_ctx.progress)
     except Exception as exc:
         _fail(project, exc, ctx=ctx, staging_dir=Path(staging_dir), job=job)
         raise
-    _coordinator(job, ctx.config).end_round(project, min_new=ctx.config.min_new_annotations)
+    _coordinator(job, ctx.config).end_round(project, min_new=ctx.config.min_new_annotations, version=version)
     return version
+
+
+def announce_version(project: int, version: str) -> dict[str, bool]:
+    """Complete telling Label Studio of the published `version` (idempotent, see `stages.announce`)."""
+    ctx = context.current()
+    done = stages.announce(project, version, ctx.client(project), ctx.store,
+                           keep_previous=ctx.config.keep_prediction_versions)
+    return {k: bool(done.get(k)) for k in ("predictions", "sampling", "pruned")}
+
+
+def _announce_served(project: int, ctx: WorkerContext) -> None:
+    """Before a round: the served version's announcement, if a killed or failed round left it undone (a
+    failure here is logged; the round still runs and announces its own version)."""
+    version = ctx.store.current_version(project)
+    if version is None or stages.announced(ctx.store, project, version):
+        return
+    try:
+        stages.announce(project, version, ctx.client(project), ctx.store,
+                        keep_previous=ctx.config.keep_prediction_versions)
+    except Exception as exc:
+        log.warning("project=%s version=%s announce not completed: %s", project, version, exc)
 
 
 def _version_of(staging_dir: str) -> str:

@@ -9,8 +9,14 @@ id, timeout and result TTL is here (`enqueue_stage`, `enqueue_records`, `enqueue
 - `new`: annotations created/updated/deleted since the running (or last) round began (an integer);
 - `forced`: a START_TRAINING arrived since then (runs whatever `new` says);
 - `active`: set while a round chain runs (JSON: the chain's current job id and version); it expires after
-  the round timeout and is cleared as soon as that job is seen failed or stopped without the round ending
-  (a killed worker), so a dead round cannot block its project.
+  the round timeout;
+- `lease`: the running round's lease, a key with a short TTL (`lease_s`) that every job of the round renews
+  while it runs (`renew_lease`, from a heartbeat thread in the job). A round is dead when its current job
+  has gone or ended without `end_round`, or when that job is not waiting for a worker and the lease has
+  expired (its worker was SIGKILLed, lost its machine...). A dead round is detected on the next event,
+  `/status` or a worker's periodic `reap` (so within `lease_s` + the reap period of the death), and handed to
+  the `on_abandoned` hook (mark it failed, drop its files) before the follow-up it deferred is enqueued:
+  a press or a burst of annotations during a dead round is never lost.
 
 The rules, applied under a short per-project Redis lock:
 
@@ -23,7 +29,10 @@ Job arguments are ids only (they travel through Redis: no configuration, no secr
 configuration from its own environment (see `magral_core.service.jobs`).
 
 Deterministic job ids (rq allows letters, digits, "_" and "-" only): `round-<p>` (first step),
-`round-<p>-prepare`, `round-<p>-lut-<i>`, `round-<p>-finish`, `webhook-auth-<p>`.
+`round-<p>-prepare`, `round-<p>-lut-<i>`, `round-<p>-finish`, `announce-<p>`, `webhook-auth-<p>`.
+
+Redis errors (`redis.exceptions.ConnectionError`, `TimeoutError`) propagate: callers decide (the web answers
+503, a worker retries with backoff).
 
 Kept as one module because it is the one owner of every enqueue and of the per-project round state in Redis.
 """
@@ -33,7 +42,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -52,6 +61,8 @@ ENDED = (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)
 JOBS = "magral_core.service.jobs"
 ROUND_RESULT_TTL = 24 * 3600  # seconds a finished stage's result is kept (what /status shows)
 RECORD_RESULT_TTL = 3600
+LEASE_S = 15  # seconds a round's lease lives without renewal: a dead worker is detected after this
+WAITING = (JobStatus.QUEUED, JobStatus.SCHEDULED)  # a job waiting for a worker is not dead
 
 
 class Stage(StrEnum):
@@ -83,6 +94,21 @@ class RoundState:
     forced: bool
 
 
+@dataclass(frozen=True)
+class DeadRound:
+    """A round found dead: its project, the version it was building, its current job and why."""
+
+    project: int
+    version: str
+    job_id: str
+    reason: str
+
+
+AbandonHook = Callable[["RoundQueue", DeadRound], None]
+"""`on_abandoned(queue, dead)`: called under the project's lock once per dead round, before its follow-up is
+enqueued (mark it failed in the store, remove its staging directory and reservation)."""
+
+
 def round_job_id(project: int) -> str:
     return f"round-{project}"
 
@@ -105,31 +131,46 @@ class RoundQueue:
         queue_name: str = QUEUE_NAME,
         prefix: str = KEY_PREFIX,
         round_timeout: int = 6 * 3600,
+        lease_s: int = LEASE_S,
+        on_abandoned: AbandonHook | None = None,
     ) -> None:
         self.connection = connection
         self.queue = Queue(queue_name, connection=connection)
         self.prefix = prefix
         self.round_timeout = int(round_timeout)
+        self.lease_s = int(lease_s)
+        self.on_abandoned = on_abandoned
 
     # --- keys ----------------------------------------------------------------------------------------------
     def _key(self, project: int, name: str) -> str:
         return f"{self.prefix}:{int(project)}:{name}"
 
     def _lock(self, project: int) -> Any:
-        return self.connection.lock(self._key(project, "lock"), timeout=30, blocking_timeout=30)
+        return self.connection.lock(self._key(project, "lock"), timeout=30, blocking_timeout=30, sleep=0.01)
 
     # --- events --------------------------------------------------------------------------------------------
     def annotations_changed(self, project: int, count: int, *, min_new: int) -> Decision:
         """Count `count` changed annotations and enqueue a round if they reach `min_new`."""
+        self.connection.incrby(self._key(project, "new"), max(0, int(count)))
+        if self._running_fast(project):
+            return Decision.DEFERRED
         with self._lock(project):
-            self.connection.incrby(self._key(project, "new"), max(0, int(count)))
             return self._enqueue_if_due(project, min_new)
 
     def start_training(self, project: int) -> Decision:
         """START_TRAINING: a round always runs (now, or right after the running one)."""
+        self.connection.set(self._key(project, "forced"), 1)
+        if self._running_fast(project):
+            return Decision.DEFERRED
         with self._lock(project):
-            self.connection.set(self._key(project, "forced"), 1)
             return self._enqueue_if_due(project, min_new=0)
+
+    def _running_fast(self, project: int) -> bool:
+        """A round is marked active, checked without the lock (a burst of webhooks during a round must not
+        queue on it). Safe because the event was counted first: `end_round` deletes the mark before it reads
+        the counts, so a mark seen here means that read comes later and sees this event. A dead round seen
+        here is left to the next `reap`, which enqueues the follow-up these counts ask for."""
+        return bool(self.connection.exists(self._key(project, "active")))
 
     def _enqueue_if_due(self, project: int, min_new: int) -> Decision:
         if self._round_active(project):
@@ -219,7 +260,8 @@ class RoundQueue:
             pipe.getdel(self._key(project, "new"))
             pipe.getdel(self._key(project, "forced"))
             pipe.set(self._key(project, "active"), self._active_value(job_id, version), ex=self.round_timeout)
-            new, forced, _ = pipe.execute()
+            pipe.set(self._key(project, "lease"), version, ex=self.lease_s)
+            new, forced, _, _ = pipe.execute()
         return RoundState(int(new or 0), bool(forced))
 
     def touch(self, project: int, *, job_id: str, version: str) -> None:
@@ -228,31 +270,122 @@ class RoundQueue:
             self._key(project, "active"), self._active_value(job_id, version), ex=self.round_timeout
         )
 
-    def end_round(self, project: int, *, min_new: int) -> Decision:
-        """The round is over (published or failed): clear `active`, enqueue the follow-up if one is due."""
+    def renew_lease(self, project: int, version: str) -> bool:
+        """A job of the round building `version` is alive: extend the lease by `lease_s`. Returns False (and
+        renews nothing) when the project's active round is another one (this round was reaped)."""
+        raw = self.connection.get(self._key(project, "active"))
+        if not raw or json.loads(raw).get("version") != version:
+            return False
+        self.connection.set(self._key(project, "lease"), version, ex=self.lease_s)
+        return True
+
+    def end_round(self, project: int, *, min_new: int, version: str | None = None) -> Decision:
+        """The round is over (published or failed): clear `active`, enqueue the follow-up if one is due.
+        With `version`, `active` is cleared only while it is that round's (a reaped round that ends late
+        does not end its successor)."""
         with self._lock(project):
-            self.connection.delete(self._key(project, "active"))
+            raw = self.connection.get(self._key(project, "active"))
+            if raw and (version is None or json.loads(raw).get("version") == version):
+                self.connection.delete(self._key(project, "active"), self._key(project, "lease"))
             return self._enqueue_if_due(project, min_new)
 
+    def reap(self, *, min_new: int) -> list[DeadRound]:
+        """Every project's dead round (see the module docstring): abandoned through `on_abandoned`, then its
+        deferred follow-up enqueued if due. What a worker calls every few seconds."""
+        dead: list[DeadRound] = []
+        suffix = ":active"
+        for key in self.connection.scan_iter(match=f"{self.prefix}:*{suffix}"):
+            name = key.decode() if isinstance(key, bytes) else str(key)
+            head = name[len(self.prefix) + 1: -len(suffix)]
+            if not head.isdigit():
+                continue
+            found = self.reap_project(int(head), min_new=min_new)
+            if found is not None:
+                dead.append(found)
+        return dead
+
+    def reap_project(self, project: int, *, min_new: int) -> DeadRound | None:
+        """The project's round if it was dead (then abandoned and its follow-up enqueued), else None."""
+        if not self.connection.exists(self._key(project, "active")):
+            return None
+        with self._lock(project):
+            found = self._dead_round(project)
+            if found is None:
+                return None
+            self._abandon(found)
+            self._enqueue_if_due(project, min_new)
+            return found
+
     def _round_active(self, project: int) -> bool:
-        """Whether a round runs; an `active` mark whose job has gone or ended without `end_round` (its worker
-        was killed) is cleared here instead of blocking the project until the mark expires."""
+        """Whether a round runs; a dead one (see `_dead_round`) is abandoned here instead of blocking the
+        project until its mark expires. Called under the project's lock."""
+        if not self.connection.exists(self._key(project, "active")):
+            return False
+        found = self._dead_round(project)
+        if found is None:
+            return True
+        self._abandon(found)
+        return False
+
+    def _dead_round(self, project: int) -> DeadRound | None:
+        """The active round when it is dead, else None (also None without an active round)."""
         raw = self.connection.get(self._key(project, "active"))
         if not raw:
-            return False
-        job = self._fetch(str(json.loads(raw).get("job_id", "")))
-        if job is not None and job.get_status(refresh=True) not in ENDED:
-            return True
-        log.warning(
-            "project=%s round job %s ended without finishing the round: project freed",
-            project,
-            json.loads(raw).get("job_id"),
+            return None
+        active = json.loads(raw)
+        job_id, version = str(active.get("job_id", "")), str(active.get("version", ""))
+        job = self._fetch(job_id)
+        status = job.get_status(refresh=True) if job is not None else None
+
+        def dead(reason: str) -> DeadRound:
+            return DeadRound(project, version, job_id, reason)
+
+        state = getattr(status, "value", status)
+        if job is None or status in ENDED:
+            return dead(f"its job {job_id} {'is gone' if job is None else f'is {state}'} without ending it")
+        if status in WAITING:
+            return None  # waiting for a worker: not dead, only slow
+        if self.connection.exists(self._key(project, "lease")):
+            return None
+        if status == JobStatus.DEFERRED and any(
+            d is not None and d.get_status(refresh=True) in WAITING
+            for d in (self._fetch(i) for i in job.dependency_ids)
+        ):
+            return None  # its record jobs wait for a worker
+        if time.time() - float(active.get("since", 0.0)) < self.lease_s or self._uptime() < self.lease_s:
+            return None  # just begun, or Redis itself restarted: give the job one lease to renew
+        return dead(
+            f"no job of the round renewed its lease for {self.lease_s} s (its worker died) while {job_id} "
+            f"was {state}"
         )
-        self.connection.delete(self._key(project, "active"))
-        return False
+
+    def _uptime(self) -> float:
+        info = self.connection.info("server")
+        return float(info.get("uptime_in_seconds", 1e9))
+
+    def _abandon(self, dead: DeadRound) -> None:
+        log.warning("project=%s version=%s round abandoned: %s", dead.project, dead.version, dead.reason)
+        if self.on_abandoned is not None:
+            self.on_abandoned(self, dead)
+        self.connection.delete(self._key(dead.project, "active"), self._key(dead.project, "lease"))
 
     def _active_value(self, job_id: str, version: str) -> str:
         return json.dumps({"job_id": job_id, "version": version, "since": time.time()})
+
+    # --- telling Label Studio about a published version ---------------------------------------------
+    def enqueue_announce(self, project: int, version: str) -> Job:
+        """Push the published `version`'s predictions and switch Label Studio's sampling to it (idempotent:
+        `jobs.announce_version`); for a version published by a round that died before it did so."""
+        job_id = f"announce-{int(project)}"
+        self._drop_stale(job_id)
+        return self.queue.enqueue_call(
+            f"{JOBS}.announce_version",
+            args=(int(project), str(version)),
+            job_id=job_id,
+            timeout=self.round_timeout,
+            result_ttl=RECORD_RESULT_TTL,
+            at_front=True,
+        )
 
     # --- scoring -------------------------------------------------------------------------------------------
     def enqueue_scoring(self, project: int, task_ids: Sequence[int]) -> Job:
@@ -312,6 +445,9 @@ class RoundQueue:
         if job is not None:
             info["status"] = str(job.get_status(refresh=True).value)
             info["progress"] = job.meta or {}
+        dead = self._dead_round(project)
+        if dead is not None:  # never shown as started: the next reap abandons it
+            info["status"], info["reason"] = "dead", dead.reason
         return info
 
     def _fetch(self, job_id: str) -> Job | None:

@@ -9,11 +9,18 @@ for tasks → images, `service.staging` for the files).
 2. `lut_record(i)`: one record of the strategy (independent of the others, so they run in parallel as
    separate jobs; MAGRAL's look-up table, none for a heuristic). `propose`: after the first records, the
    strategy asks for more (MAGRAL: records near its policy), computed by `lut_record` in the same way.
-3. `finish`: rank the pool with the strategy, push a prediction (boxes + score, best task lowest) for every
-   unlabeled task under the new model version, switch Label Studio to serve in that order, write the
-   ranking and metrics and publish the version in the store.
+3. `finish`: rank the pool with the strategy, write a prediction (boxes + score, best task lowest) for every
+   unlabeled task under the new model version, the ranking and metrics, and publish the version in the
+   store. Then `announce`: push the published version's predictions and switch Label Studio to serve in
+   that order; idempotent, recorded per version, so a re-run completes it. Publishing first means a version
+   Label Studio serves is always one the store (and so `/predict`) has.
 
-`run_round` runs every stage in one process (tests, a single worker).
+`abandon` is what happens to a round found dead (its worker killed): its error recorded, its files dropped.
+Tasks whose image could not be had are counted per reason in the round's metrics (`bad_input`,
+see `service.bad_input`).
+
+`run_round` runs every stage in one process (tests, a single worker). Kept as one module because it is the
+one place that says in which order a round does what (and so what a worker killed between two steps leaves).
 """
 
 from __future__ import annotations
@@ -30,10 +37,11 @@ import numpy as np
 from magral_core.config import Config
 from magral_core.method.features import detection_stats
 from magral_core.service import staging as files
+from magral_core.service.bad_input import FetchLog, bad_input_summary
 from magral_core.service.predict import task_results
 from magral_core.service.stage_clock import StageClock, merge_seconds
 from magral_core.service.staging import RoundPlan
-from magral_core.service.steps import Progress, RoundSteps, StudioClient
+from magral_core.service.steps import Progress, RoundSteps, StudioAdmin, StudioClient
 from magral_core.service.store import ModelStore
 from magral_core.service.tasks import round_images
 from magral_core.structures import Detections
@@ -89,7 +97,8 @@ def prepare(
     previous_names = tuple(store.load_metrics(project, previous).get("class_names", ())) if previous else ()
     class_names = merge_class_names(previous_names, label_config.labels)
     tasks = list(client.list_tasks(project, image_key=label_config.image_key))
-    images = round_images(project, tasks, label_config, class_names, client, progress)
+    fetches = FetchLog(client)
+    images = round_images(project, tasks, label_config, class_names, fetches, progress)
     strategy_name = choose_strategy(len(images.labeled), len(images.pool), config)
     log.info("project=%s version=%s n_labeled=%d n_unlabeled=%d strategy=%s",
              project, version, len(images.labeled), len(images.pool), strategy_name)
@@ -119,7 +128,8 @@ def prepare(
     if records:
         progress("caching", 0.0)
         strategy.prepare(staging)  # once here, so the record jobs only load it
-    metrics.update(stage_seconds=clock.seconds(), started_at=clock.started, prepared_at=time.time())
+    metrics.update(stage_seconds=clock.seconds(), started_at=clock.started, prepared_at=time.time(),
+                   bad_input=bad_input_summary(fetches.failures))
     plan = RoundPlan(
         project, version, class_names, asdict(label_config), strategy_name, records,
         tuple(i.image_id for i in images.labeled),
@@ -149,8 +159,9 @@ def propose(staging: Path, ctx: RoundContext) -> range:
 
 
 # --- stage 3 ---
-def finish(staging: Path, client: StudioClient, store: ModelStore, ctx: RoundContext) -> str:
-    """Rank, push predictions, serve in ranked order, publish. Returns the published version."""
+def finish(staging: Path, store: ModelStore, ctx: RoundContext) -> str:
+    """Rank, write predictions, ranking and metrics, publish. Returns the published version; Label Studio
+    learns of it through `announce`."""
     config = ctx.config
     plan = RoundPlan.load(staging)
     progress = clock = StageClock(ctx.progress)
@@ -197,17 +208,73 @@ def finish(staging: Path, client: StudioClient, store: ModelStore, ctx: RoundCon
         lut_records=len(records),
         skipped=plan.skipped,
     )
-    progress("pushing", 0.0)
-    if predictions:
-        client.import_predictions(plan.project, predictions)
-    client.serve_in_ranked_order(plan.project, plan.version)
     metrics["stage_seconds"] = merge_seconds(plan.metrics.get("stage_seconds", {}), between, clock.seconds())
     metrics["duration_s"] = round(time.time() - float(plan.metrics.get("started_at", clock.started)), 3)
     files.save_metrics(staging, metrics)
     store.publish(plan.project, staging, plan.version)
+    store.release(plan.project, plan.version)
     log.info("project=%s version=%s published map=%s n_labeled=%d n_predictions=%d", plan.project,
              plan.version, metrics.get("map"), len(plan.labeled_tasks), len(predictions))
     return plan.version
+
+
+# --- telling Label Studio ---
+def announce(project: int, version: str, client: StudioAdmin, store: ModelStore, *, keep_previous: int,
+             progress: Progress | None = None) -> dict[str, Any]:
+    """Push the published `version`'s predictions, switch Label Studio's sampling to it, delete the
+    predictions of every version but it and the `keep_previous` published before it. Idempotent: each step
+    done is recorded (`ModelStore.save_announced`, beside the immutable version) and skipped by a re-run, so
+    re-running after a failure or a killed worker completes it. Sampling is switched and old predictions
+    deleted only while `version` is the served one. Returns what is done. Raises StoreError when `version`
+    is not published."""
+    report = progress or (lambda stage, fraction: None)
+    version_dir = store.version_dir(project, version)
+    done = store.load_announced(project, version)
+    if not done.get("predictions"):
+        report("pushing", 0.0)
+        predictions = list(files.load_predictions(version_dir).values())
+        if predictions:
+            client.import_predictions(project, predictions)
+        done = {**done, "predictions": True, "time": time.time()}
+        store.save_announced(project, version, done)
+    if not done.get("sampling") and store.current_version(project) == version:
+        report("pushing", 0.5)
+        client.serve_in_ranked_order(project, version)
+        done = {**done, "sampling": True, "time": time.time()}
+        store.save_announced(project, version, done)
+    if done.get("sampling") and not done.get("pruned") and store.current_version(project) == version:
+        published = store.list_versions(project)
+        kept = published[max(0, published.index(version) - keep_previous): published.index(version) + 1]
+        client.delete_predictions(project, kept)
+        done = {**done, "pruned": True, "time": time.time()}
+        store.save_announced(project, version, done)
+    log.info("project=%s version=%s announced %s", project, version,
+             ",".join(k for k in ("predictions", "sampling", "pruned") if done.get(k)))
+    return done
+
+
+def announced(store: ModelStore, project: int, version: str) -> bool:
+    """Whether Label Studio was told of the published `version` (predictions pushed, sampling switched)."""
+    store.version_dir(project, version)  # raises StoreError when not published
+    done = store.load_announced(project, version)
+    return bool(done.get("predictions") and done.get("sampling"))
+
+
+def abandon(store: ModelStore, project: int, version: str, reason: str) -> bool:
+    """A round found dead: record why in the project's last error and drop its staging directory and its
+    reservation. Returns True when the round had published `version` as the served one but died before
+    telling Label Studio (the caller has `announce` re-run)."""
+    if version in store.list_versions(project):
+        store.release(project, version)
+        pending = store.current_version(project) == version and not announced(store, project, version)
+        if pending:
+            store.record_error(
+                project, f"round {version} was published but its worker died before Label Studio was told "
+                f"({reason}); announcing it again", stage="round")
+        return pending
+    store.abandon(project, version)
+    store.record_error(project, f"round {version} abandoned: {reason}", stage="round")
+    return False
 
 
 def task_signals(detections: Sequence[Detections], threshold: float) -> dict[str, list[Any]]:
@@ -224,14 +291,14 @@ def task_signals(detections: Sequence[Detections], threshold: float) -> dict[str
 def run_round(
     project: int,
     *,
-    client: StudioClient,
+    client: StudioAdmin,
     store: ModelStore,
     config: Config,
     steps: RoundSteps,
     progress: Progress | None = None,
 ) -> str:
-    """Every stage in this process (tests, a single worker); a failure discards the staging directory,
-    records the error in the store and re-raises."""
+    """Every stage in this process (tests, a single worker), then `announce`; a failure before publishing
+    discards the staging directory, records the error in the store and re-raises."""
     ctx = RoundContext(config, steps, progress or (lambda stage, fraction: None))
     version = store.reserve_version(project)
     staging = store.begin(project, version)
@@ -242,8 +309,16 @@ def run_round(
             lut_record(staging, index, ctx)
         for index in propose(staging, ctx):
             lut_record(staging, index, ctx)
-        return finish(staging, client, store, ctx)
+        published = finish(staging, store, ctx)
     except Exception as exc:
-        store.discard(staging)
+        store.abandon(project, version)
         store.record_error(project, f"{type(exc).__name__}: {exc}", stage="round")
         raise
+    try:
+        announce(project, published, client, store, keep_previous=ctx.config.keep_prediction_versions,
+                 progress=ctx.progress)
+    except Exception as exc:
+        store.record_error(project, f"telling Label Studio of {published}: {type(exc).__name__}: {exc}",
+                           stage="round")
+        raise
+    return published

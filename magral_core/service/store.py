@@ -7,7 +7,9 @@ Layout under `root` (the config's `home / "projects"`)::
         detector.pt  policy.pt  lookup_table.json  ranking.json  metrics.json  ...
     <project>/staging/<version>.<random>/  a round being built; renamed into versions/ when complete
     <project>/reserved/<version>           names handed out (mkdir is atomic, so names are unique)
-    <project>/last_error.json              the last failed round or setup (cleared by the next publish)
+    <project>/announced/<NNNN>.json        which steps of telling Label Studio of a version are done
+    <project>/last_error.json              the last failed round (cleared by the next publish)
+    <project>/setup_error.json             the last refused /setup (cleared by the next accepted one)
     <project>/connection.json              Label Studio hostname/token seen in /setup (mode 0600)
     <project>/label_config.xml             the label config seen in /setup
 
@@ -138,6 +140,19 @@ class ModelStore:
         """Remove a staging directory (a failed round)."""
         shutil.rmtree(staging, ignore_errors=True)
 
+    def abandon(self, project: int, version: str) -> None:
+        """Remove every staging directory of `version` and its reservation (a round that died unpublished;
+        its number may be handed out again). A published `version` keeps its directory."""
+        version_number(version)
+        for staging in (self.project_dir(project) / "staging").glob(f"{version}.*"):
+            shutil.rmtree(staging, ignore_errors=True)
+        self.release(project, version)
+
+    def release(self, project: int, version: str) -> None:
+        """Drop the reservation of `version` (published or abandoned: `versions/` keeps published numbers)."""
+        version_number(version)
+        shutil.rmtree(self.project_dir(project) / "reserved" / version, ignore_errors=True)
+
     # --- artefacts -----------------------------------------------------------------------------------------
     def load_ranking(self, project: int, version: str) -> Ranking:
         data = files.load_ranking(self.version_dir(project, version))
@@ -157,17 +172,46 @@ class ModelStore:
         return data
 
     # --- errors and connection details ------------------------------------------------------------------
+    def _announced(self, project: int, version: str) -> Path:
+        return self.project_dir(project) / "announced" / f"{version_number(version):04d}.json"
+
+    def load_announced(self, project: int, version: str) -> dict[str, Any]:
+        """Which steps of telling Label Studio of the published `version` are done ({} before any)."""
+        path = self._announced(project, version)
+        data = read_json(path) if path.is_file() else {}
+        return data if isinstance(data, dict) else {}
+
+    def save_announced(self, project: int, version: str, done: Mapping[str, Any]) -> None:
+        """`{"predictions": bool, "sampling": bool, "pruned": bool, "time": float}` of a published version,
+        kept beside it (`<project>/announced/`) so that the version itself is never modified."""
+        write_json(self._announced(project, version), dict(done))
+
     def record_error(self, project: int, message: str, *, stage: str) -> None:
-        """Keep the last error of a round or a setup for `/status`."""
+        """Keep the last error of a round (`stage` "round") or a setup ("setup") for `/status`; each source
+        has its own record, so a refused setup never hides a failed round."""
         record = {"stage": stage, "message": str(message)[:2000], "time": time.time()}
-        write_json(self.project_dir(project) / "last_error.json", record)
+        write_json(self._error_path(project, stage), record)
+
+    def clear_error(self, project: int, *, stage: str) -> None:
+        self._error_path(project, stage).unlink(missing_ok=True)
+
+    def errors(self, project: int) -> dict[str, dict[str, Any]]:
+        """The recorded error of each source ("round", "setup") that has one."""
+        out = {}
+        for stage in ("round", "setup"):
+            path = self._error_path(project, stage)
+            data = read_json(path) if path.is_file() else None
+            if isinstance(data, dict):
+                out[stage] = data
+        return out
 
     def last_error(self, project: int) -> dict[str, Any] | None:
-        path = self.project_dir(project) / "last_error.json"
-        if not path.is_file():
-            return None
-        data = read_json(path)
-        return data if isinstance(data, dict) else None
+        """The latest of the recorded errors, or None."""
+        recorded = self.errors(project).values()
+        return max(recorded, key=lambda e: float(e.get("time", 0.0)), default=None)
+
+    def _error_path(self, project: int, stage: str) -> Path:
+        return self.project_dir(project) / ("setup_error.json" if stage == "setup" else "last_error.json")
 
     def save_connection(self, project: int, details: Mapping[str, str]) -> None:
         """Label Studio hostname/access token from `/setup`, readable by the owner only."""
