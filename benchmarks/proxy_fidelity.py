@@ -301,8 +301,12 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {name} | {row['rho']:+.3f} | {interval} | {row['record_s']:.2f} | "
                      f"{row['setup_s']:.1f} |")
     n = result["real_noise"]
-    lines += ["", f"Real ΔmAP: std over training seeds {100 * n['within_seed_std']:.2f} points, between "
-              f"batches {100 * n['between_batch_std']:.2f} points."]
+
+    def points(value: float) -> str:
+        return "— (one seed so far)" if np.isnan(value) else f"{100 * value:.2f} points"
+
+    lines += ["", f"Real ΔmAP: std over training seeds {points(n['within_seed_std'])}, between batches "
+              f"{points(n['between_batch_std'])}."]
     return "\n".join(lines) + "\n"
 
 
