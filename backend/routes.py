@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flask import Blueprint, current_app, jsonify, make_response, request
+from flask.typing import ResponseReturnValue
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -79,12 +80,12 @@ def _version_name(project: int) -> str:
 
 
 @blueprint.get("/health")
-def health() -> Any:
+def health() -> ResponseReturnValue:
     return jsonify({"status": "UP", "model_class": "MAGRAL"})
 
 
 @blueprint.post("/setup")
-def setup() -> Any:
+def setup() -> ResponseReturnValue:
     """Check the label config, remember how to reach Label Studio, answer the current model version."""
     body = _json_object()
     services = _services()
@@ -131,7 +132,7 @@ def _record_setup_error(project: int, body: Mapping[str, Any], message: str) -> 
 
 
 @blueprint.post("/predict")
-def predict() -> Any:
+def predict() -> ResponseReturnValue:
     body = _json_object()
     tasks = body.get("tasks")
     if not isinstance(tasks, list) or not all(isinstance(t, Mapping) for t in tasks):
@@ -148,7 +149,7 @@ def predict() -> Any:
 
 
 @blueprint.post("/webhook")
-def webhook() -> Any:
+def webhook() -> ResponseReturnValue:
     event = parse_event(_json_object())
     services = _services()
     if event.kind == "ignored":
@@ -191,7 +192,7 @@ def _queue_event(services: Services, event: Any) -> Any:
 
 
 @blueprint.get("/versions")
-def versions() -> Any:
+def versions() -> ResponseReturnValue:
     store = _services().store
     raw = request.args.get("project")
     projects = [project_id(raw)] if raw is not None else store.projects()
@@ -224,7 +225,7 @@ def _wants_html() -> bool:
 
 
 @blueprint.get("/status")
-def status() -> Any:
+def status() -> ResponseReturnValue:
     """JSON (`Accept: application/json`, `?format=json`, no Accept) or the dashboard (browsers)."""
     services = _services()
     config = current_app.config["MAGRAL_CONFIG"]
@@ -248,7 +249,7 @@ def status() -> Any:
 
 
 @blueprint.get("/projects/<int:project>/ranking")
-def task_ranking(project: int) -> Any:
+def task_ranking(project: int) -> ResponseReturnValue:
     """The served version's next tasks in serving order, with the signals behind their rank."""
     _known_project(project)
     try:
@@ -267,7 +268,7 @@ def task_ranking(project: int) -> Any:
 
 
 @blueprint.get("/projects/<int:project>/curve.png")
-def curve(project: int) -> Any:
+def curve(project: int) -> ResponseReturnValue:
     """The learning curve as a PNG, rendered once per served version and number of rounds."""
     _known_project(project)
     png = curve_png(_services(), current_app.config["MAGRAL_CONFIG"], _cache(), project)

@@ -16,7 +16,7 @@ import logging
 import pickle
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 
@@ -26,6 +26,10 @@ from magral_core.service import staging as files
 from magral_core.service.steps import PoolArrays
 from magral_core.service.tasks import MIN_LABELED_FOR_VALIDATION
 
+if TYPE_CHECKING:  # the method's types, imported when a method runs (they pull in torch)
+    from magral_core.method.lookup_table import RecordSpec
+    from magral_core.method.strategies import MagralSettings, MagralStrategy, Pool
+
 log = logging.getLogger(__name__)
 
 Reward = Callable[[np.ndarray, int], float]
@@ -33,7 +37,7 @@ Reward = Callable[[np.ndarray, int], float]
 ProxyFactory = Callable[[Path, Config], Reward]
 
 
-def magral_settings(config: Config) -> Any:
+def magral_settings(config: Config) -> MagralSettings:
     """MAGRAL's fitting settings from the config (records, neighbours, policy updates, seed)."""
     from magral_core.method.policy_training import TrainingSettings
     from magral_core.method.strategies import MagralSettings
@@ -45,7 +49,7 @@ def magral_settings(config: Config) -> Any:
     )
 
 
-def magral_record_specs(pool_size: int, config: Config) -> list[Any]:
+def magral_record_specs(pool_size: int, config: Config) -> list[RecordSpec]:
     """The look-up-table records that can be computed before any policy exists: the uniformly random batches
     `strategies.fit_magral` draws first (its `initial_record_specs`), so each can be a separate job."""
     from magral_core.method.strategies import initial_record_specs
@@ -145,7 +149,14 @@ def build_proxy(staging: Path, config: Config) -> Reward:
     return build_reward(staging, config, "proxy")
 
 
-def _pool_of(arrays: PoolArrays) -> Any:
+def _features(pool: Pool) -> np.ndarray:
+    """The pool's (N, F) per-image features (always filled by `Pool`)."""
+    if pool.features is None:
+        raise ValueError("expected a Pool with its features computed, found none")
+    return pool.features
+
+
+def _pool_of(arrays: PoolArrays) -> Pool:
     from magral_core.method.strategies import Pool
 
     return Pool(arrays["embeddings"], tuple(arrays["detections"]), arrays["labeled_embeddings"])
@@ -205,13 +216,13 @@ class MagralRound:
         from magral_core.method.strategies.magral_state import records_from_json, save_fit
 
         pool = _pool_of(files.load_pool(staging / files.POOL_FILE))
-        fit = begin_fit(pool.features, min(self.config.budget, len(pool)), self._lazy_reward(staging),
+        fit = begin_fit(_features(pool), min(self.config.budget, len(pool)), self._lazy_reward(staging),
                         magral_settings(self.config), seed=self.config.seed,
                         records=records_from_json(records))
         save_fit(staging / files.MAGRAL_FIT_FILE, fit)
         return len(fit.pending)
 
-    def fit(self, pool: Any, records: Sequence[Mapping[str, Any]], staging: Path) -> Any:
+    def fit(self, pool: Pool, records: Sequence[Mapping[str, Any]], staging: Path) -> MagralStrategy:
         """Fit the controller for this pool on the round's records and write the policy and the look-up
         table into `staging`. After `propose`: its second stage (`strategies.end_fit`) with the near-policy
         records among `records` (a missing one is computed here); otherwise the whole fit, with the random
@@ -233,9 +244,9 @@ class MagralRound:
             by_batch = {(tuple(r.indices.tolist()), r.source): r for r in done}
             near = [by_batch.get((tuple(s.indices), s.source)) or compute_record(s, evaluate)
                     for s in fit.pending]
-            strategy, report = end_fit(fit, pool.features, budget, settings, seed=config.seed, records=near)
+            strategy, report = end_fit(fit, _features(pool), budget, settings, seed=config.seed, records=near)
         else:
-            strategy, report = fit_magral(pool.features, budget, evaluate, settings, seed=config.seed,
+            strategy, report = fit_magral(_features(pool), budget, evaluate, settings, seed=config.seed,
                                           records=done)
         torch.save(save_state(strategy.controller), staging / files.POLICY_FILE)
         save_records(staging / files.LOOKUP_TABLE_FILE, len(pool), report.records)
