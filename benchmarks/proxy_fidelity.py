@@ -326,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="reward estimators (magral_core.method.rewards.REWARDS), comma-separated")
     parser.add_argument("--estimators-only", action="store_true",
                         help="no new real trainings: estimator values and the cached real gains only")
-    parser.add_argument("--results", type=Path, default=REPO / "results" / "reward_fidelity",
+    parser.add_argument("--results", type=Path, default=REPO / "docs" / "results" / "reward_fidelity",
                         help="cache of estimator values and real trainings (resumable)")
     parser.add_argument("--pool-limit", type=int, default=None,
                         help="random subset of the pool (default: all of train, quick 60)")

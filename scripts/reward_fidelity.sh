@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The reward-fidelity benchmark on BCCD at L = 40 and L = 80 (resumable: rerun to continue).
-# Real gains are cached under results/reward_fidelity/, the tables go to docs/results/.
+# Estimator values and real gains are cached under docs/results/reward_fidelity/, the tables go to docs/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 MAGRAL_IMAGE_SIZE=320
