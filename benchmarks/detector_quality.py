@@ -101,16 +101,19 @@ def _load(path: Path) -> dict[str, Any]:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    """The results as one Markdown table, one row per (labeled, variant) cell."""
-    cells = sorted(results["cells"].values(), key=lambda r: (r["labeled"], r["variant"]))
+    """The results as one Markdown table, one row per (labeled, variant) cell, in VARIANTS order."""
+    rank = {name: i for i, name in enumerate(VARIANTS)}
+    cells = sorted(results["cells"].values(), key=lambda r: (r["labeled"], rank.get(r["variant"], 99)))
     classes = sorted({c for r in cells for c in r["test"]["per_class_ap"]})
-    head = ("| labeled | variant | val mAP | test mAP | test AP50 | "
-            + " | ".join(f"test AP {c}" for c in classes) + " | steps | train s |")
-    lines = [head, "|" + "---|" * (8 + len(classes) - 1)]
+    head = ("| labeled | variant | trained on | px | steps (kept) | val mAP | test mAP | test AP50 | "
+            + " | ".join(f"test AP {c}" for c in classes) + " | train s |")
+    lines = [head, "|" + "---|" * (9 + len(classes))]
     for r in cells:
         per = " | ".join(f"{r['test']['per_class_ap'].get(c, float('nan')):.3f}" for c in classes)
-        lines.append(f"| {r['labeled']} | {r['variant']} | {r['val']['map']:.3f} | {r['test']['map']:.3f} | "
-                     f"{r['test']['ap50']:.3f} | {per} | {r['steps']} | {r['train_seconds']:.0f} |")
+        kept = "" if r.get("best_step") is None else f" ({r['best_step']})"
+        lines.append(f"| {r['labeled']} | {r['variant']} | {r['train_images']} | {r['image_size']} | "
+                     f"{r['steps']}{kept} | {r['val']['map']:.3f} | {r['test']['map']:.3f} | "
+                     f"{r['test']['ap50']:.3f} | {per} | {r['train_seconds']:.0f} |")
     return "\n".join(lines)
 
 
