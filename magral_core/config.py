@@ -24,6 +24,7 @@ class ConfigError(ValueError):
 # `vision.detectors.DETECTORS` and `method.strategies.STRATEGIES` are built on these (tests hold them equal).
 DETECTOR_NAMES: tuple[str, ...] = (
     "frcnn_mobilenet_v2",
+    "frcnn_mobilenet_v2_p3",
     "ssd300_vgg16",
     "retinanet_resnet50_fpn",
     "ssdlite320_mobilenet_v3",
@@ -41,6 +42,8 @@ STRATEGY_NAMES: tuple[str, ...] = (*HEURISTIC_STRATEGIES, "magral")
 LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 REWARD_NAMES: tuple[str, ...] = ("proxy", "pseudo_label", "retrospective")
 """MAGRAL's reward estimators (`method.rewards.REWARDS` is built on these)."""
+SCHEDULES: tuple[str, ...] = ("epochs", "budget")
+"""Training length rules of `Config.schedule` (see `magral_core.vision.schedule`)."""
 
 
 def _default_home() -> Path:
@@ -86,6 +89,10 @@ class Config:
     image_size: int = field(default=448, metadata={"env": "MAGRAL_IMAGE_SIZE"})
     """Longest image side in pixels that detectors see (images are resized to fit). Default 448."""
 
+    max_image_size: int = field(default=0, metadata={"env": "MAGRAL_MAX_IMAGE_SIZE"})
+    """When above `image_size`: each training picks its input size in [`image_size`, this] so that the
+    5% smallest labeled boxes reach 32 px (inference then costs more); 0 = always `image_size`. Default 0."""
+
     epochs: int = field(default=10, metadata={"env": "MAGRAL_EPOCHS"})
     """Training epochs of the task detector per round. Default 10."""
 
@@ -94,6 +101,37 @@ class Config:
 
     learning_rate: float = field(default=0.02, metadata={"env": "MAGRAL_LEARNING_RATE"})
     """Peak SGD learning rate of detector training. Default 0.02."""
+
+    schedule: str = field(default="epochs", metadata={"env": "MAGRAL_SCHEDULE"})
+    """Training length rule: "epochs" (`epochs` passes) or "budget" (`steps_per_image` steps per training
+    image within [`min_steps`, `max_steps`], stopped by validation mAP). Default "epochs"."""
+
+    steps_per_image: float = field(default=4.0, metadata={"env": "MAGRAL_STEPS_PER_IMAGE"})
+    """Optimiser steps per training image under the "budget" schedule. Default 4.0."""
+
+    min_steps: int = field(default=300, metadata={"env": "MAGRAL_MIN_STEPS"})
+    """Fewest optimiser steps of a "budget" schedule. Default 300."""
+
+    max_steps: int = field(default=1200, metadata={"env": "MAGRAL_MAX_STEPS"})
+    """Most optimiser steps of a "budget" schedule. Default 1200."""
+
+    eval_every: int = field(default=50, metadata={"env": "MAGRAL_EVAL_EVERY"})
+    """Steps between validation mAP checks of a "budget" schedule (the best state is kept); 0 = none.
+    Default 50."""
+
+    patience: int = field(default=4, metadata={"env": "MAGRAL_PATIENCE"})
+    """Validation checks without a gain after which a "budget" schedule stops; 0 = never early. Default 4."""
+
+    zoom_min: float = field(default=1.0, metadata={"env": "MAGRAL_ZOOM_MIN"})
+    """Smallest training zoom factor (< 1 pads the image out, shrinking objects). Default 1.0."""
+
+    zoom_max: float = field(default=1.0, metadata={"env": "MAGRAL_ZOOM_MAX"})
+    """Largest training zoom factor (> 1 crops in, enlarging objects; a box cut below half its area is
+    dropped). Default 1.0."""
+
+    colour_jitter: float = field(default=0.0, metadata={"env": "MAGRAL_COLOUR_JITTER"})
+    """Training brightness, contrast and saturation jitter: factors drawn from [1 - x, 1 + x] (0–1).
+    Default 0.0."""
 
     score_threshold: float = field(default=0.05, metadata={"env": "MAGRAL_SCORE_THRESHOLD"})
     """Detections below this confidence are dropped at inference (0–1). Default 0.05."""
@@ -236,6 +274,7 @@ class Config:
             "fallback_strategy": HEURISTIC_STRATEGIES,
             "log_level": LOG_LEVELS,
             "reward": REWARD_NAMES,
+            "schedule": SCHEDULES,
         }
         for name, values in allowed.items():
             value = getattr(self, name)
@@ -243,7 +282,8 @@ class Config:
                 raise ConfigError(
                     f"{_env_name(name)} must be one of {', '.join(values)}; found {value!r}"
                 )
-        positive = ("image_size", "epochs", "batch_size", "budget", "lut_records", "lut_neighbours",
+        positive = ("image_size", "epochs", "batch_size", "steps_per_image", "min_steps", "max_steps",
+                    "budget", "lut_records", "lut_neighbours",
                     "processes_per_machine", "max_request_bytes", "max_image_bytes", "max_image_pixels",
                     "image_cache_bytes", "round_timeout", "studio_attempts", "studio_page_size",
                     "prediction_chunk")
@@ -269,6 +309,20 @@ class Config:
             raise ConfigError(
                 f"{_env_name('device')} must be 'cpu', 'cuda' or 'cuda:<index>'; found {self.device!r}"
             )
+        if self.min_steps > self.max_steps:
+            raise ConfigError(f"{_env_name('min_steps')} ({self.min_steps}) must be <= "
+                              f"{_env_name('max_steps')} ({self.max_steps})")
+        if self.max_image_size < 0:
+            raise ConfigError(f"{_env_name('max_image_size')} must be >= 0, found {self.max_image_size}")
+        if self.eval_every < 0 or self.patience < 0:
+            raise ConfigError(f"eval_every and patience must be >= 0, found {self.eval_every}, "
+                              f"{self.patience}")
+        if not 0 < self.zoom_min <= 1.0 <= self.zoom_max <= 4.0:
+            raise ConfigError(f"need 0 < {_env_name('zoom_min')} <= 1 <= {_env_name('zoom_max')} <= 4, found "
+                              f"{self.zoom_min}, {self.zoom_max}")
+        if not 0.0 <= self.colour_jitter < 1.0:
+            raise ConfigError(f"{_env_name('colour_jitter')} must be within [0, 1), found "
+                              f"{self.colour_jitter}")
         for name in ("score_threshold", "prediction_threshold", "forecast_flat_gain"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be within [0, 1], found {getattr(self, name)}")

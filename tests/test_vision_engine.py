@@ -103,3 +103,60 @@ def test_train_rejects_empty_dataset(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="empty dataset"):
         train_detector(model, DetectionDataset(tmp_path, ("x",), ()), epochs=1, batch_size=1,
                        learning_rate=0.01, seed=0)
+
+
+def test_step_budget_validation_keeps_the_best_state_and_stops(dataset: DetectionDataset,
+                                                               tmp_path: Path) -> None:
+    model = build_detector("frcnn_mobilenet_v2", num_classes=2, image_size=64, weights_dir=tmp_path)
+    scores = iter([0.1, 0.5, 0.2, 0.3, 0.9])  # a fake evaluation: the best is the second check
+    kept: list[dict[str, torch.Tensor]] = []
+
+    def validate(candidate: Any) -> float:
+        assert not candidate.training
+        kept.append({k: v.clone() for k, v in candidate.state_dict().items()})
+        return next(scores)
+
+    report = train_detector(model, dataset, steps=10, batch_size=1, learning_rate=0.01, seed=0,
+                            validate=validate, eval_every=2, patience=2)
+    assert report.val_scores == [(2, 0.1), (4, 0.5), (6, 0.2), (8, 0.3)]  # stopped after 2 checks w/o gain
+    assert report.iterations == 8 and report.best_step == 4
+    final = model.state_dict()
+    assert all(torch.equal(final[k], v) for k, v in kept[1].items())
+    assert not all(torch.equal(final[k], v) for k, v in kept[3].items())
+
+
+def test_steps_and_epochs_are_exclusive_and_augmentation_trains(dataset: DetectionDataset,
+                                                                 tmp_path: Path) -> None:
+    from magral_core.vision.augment import Augmentation
+
+    model = build_detector("frcnn_mobilenet_v2", num_classes=2, image_size=64, weights_dir=tmp_path)
+    with pytest.raises(ValueError, match="exactly one"):
+        train_detector(model, dataset, epochs=1, steps=1, batch_size=1, learning_rate=0.01, seed=0)
+    report = train_detector(model, dataset, steps=3, batch_size=1, learning_rate=0.01, seed=0,
+                            augment=Augmentation(zoom_range=(0.5, 3.0), colour=0.5))
+    assert report.iterations == 3 and report.epochs == 2 and report.best_step is None
+    assert all(np.isfinite(report.epoch_losses))
+
+
+def test_chosen_image_size_grows_for_small_boxes_within_the_maximum(dataset: DetectionDataset) -> None:
+    from magral_core.config import Config
+    from magral_core.vision.engine import chosen_image_size
+
+    # boxes of sides 30 and sqrt(85 * 10) = 29.2 px on 96-px-wide images: 20 and 19.4 px at 64
+    config = Config.from_env({}, image_size=64, max_image_size=100)
+    assert chosen_image_size(dataset, config) == 100  # 64 * 32 / 19.4 = 105 -> 128, capped at 100
+    assert chosen_image_size(dataset, config.replace(max_image_size=0)) == 64
+    assert chosen_image_size(dataset, config.replace(image_size=128, max_image_size=400)) == 128
+
+
+def test_fit_detector_follows_the_configured_rule(dataset: DetectionDataset, tmp_path: Path) -> None:
+    from magral_core.config import Config
+    from magral_core.vision.engine import fit_detector
+
+    config = Config.from_env({}, schedule="budget", steps_per_image=1.0, min_steps=3, max_steps=4,
+                             eval_every=2, patience=0, batch_size=1, learning_rate=0.01)
+    model = build_detector("frcnn_mobilenet_v2", num_classes=2, image_size=64, weights_dir=tmp_path)
+    report = fit_detector(model, dataset, config, val=dataset)
+    assert report.iterations == 3 and [s for s, _ in report.val_scores] == [2, 3]
+    epochs = fit_detector(model, dataset, config.replace(schedule="epochs", epochs=2), val=dataset)
+    assert epochs.iterations == 4 and epochs.val_scores == []

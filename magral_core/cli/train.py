@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from magral_core.atomic import atomic_open
 from magral_core.cli.progress import add_progress_flags, bar, progress_enabled
 from magral_core.config import Config
@@ -20,7 +22,13 @@ from magral_core.errors import UserError
 from magral_core.structures import DetectionDataset
 from magral_core.vision.checkpoint import save_checkpoint
 from magral_core.vision.detectors import DETECTORS, build_detector
-from magral_core.vision.engine import DecodedImageCache, predict, setup_torch, train_detector
+from magral_core.vision.engine import (
+    DecodedImageCache,
+    chosen_image_size,
+    fit_detector,
+    predict,
+    setup_torch,
+)
 from magral_core.vision.evaluation import evaluate_coco
 
 CHECKPOINT_NAME = "detector.pt"
@@ -40,6 +48,9 @@ def register(sub: Any) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="images per step (default: config)")
     parser.add_argument("--learning-rate", type=float, default=None, help="peak SGD rate (default: config)")
     parser.add_argument("--image-size", type=int, default=None, help="longest side in px (default: config)")
+    parser.add_argument("--schedule", default=None, choices=("epochs", "budget"),
+                        help="training length rule (default: config MAGRAL_SCHEDULE); 'budget' carves a "
+                             "seeded validation part out of the train split to stop by")
     parser.add_argument("--out", required=True, type=Path, help="output directory (created)")
     add_progress_flags(parser)
     parser.set_defaults(handler=run)
@@ -88,25 +99,35 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
     setup_torch(config.torch_threads)
     progress = progress_enabled(args.progress)
+    config = config.replace(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                            image_size=image_size, schedule=args.schedule or config.schedule)
+    fit, part = train, None
+    if config.schedule == "budget":  # the simulator's carve: the stopping rule never reads --val-split
+        from magral_core.method.proxy import split_validation
+
+        fit_at, part_at = split_validation(np.arange(len(train)), config.seed)
+        fit, part = train.subset(fit_at.tolist()), train.subset(part_at.tolist())
+    image_size = chosen_image_size(fit, config)
     model = build_detector(detector, num_classes=dataset.num_classes, image_size=image_size,
                            weights_dir=config.weights_dir, seed=config.seed)
-    with bar(epochs, desc="training", unit="epoch", enabled=progress) as epochs_bar:
+    with bar(epochs if config.schedule == "epochs" else None, desc="training", unit="epoch",
+             enabled=progress) as epochs_bar:
 
         def on_epoch(_epoch: int, loss: float) -> None:
             epochs_bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             epochs_bar.update(1)
 
         # The engine's inner bar counts the batches of the running epoch.
-        report = train_detector(model, train, epochs=epochs, batch_size=batch_size,
-                                learning_rate=learning_rate, seed=config.seed, device=config.device,
-                                progress=progress, cache=DecodedImageCache(train, image_size),
-                                on_epoch=on_epoch)
+        report = fit_detector(model, fit, config, val=part, progress=progress,
+                              cache=DecodedImageCache(fit, image_size), on_epoch=on_epoch)
     metrics: dict[str, Any] = {
-        "detector": detector, "train_split": args.train_split, "train_images": len(train),
-        "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate, "image_size": image_size,
+        "detector": detector, "train_split": args.train_split, "train_images": len(fit),
+        "schedule": config.schedule, "epochs": report.epochs, "steps": report.iterations,
+        "best_step": report.best_step, "validation_part_map": report.val_scores,
+        "batch_size": batch_size, "learning_rate": learning_rate, "image_size": image_size,
         "seed": config.seed, "train_seconds": report.seconds, "epoch_losses": report.epoch_losses,
     }
-    summary = f"trained {detector} on {len(train)} images in {report.seconds:.0f} s"
+    summary = f"trained {detector} on {len(fit)} images ({report.iterations} steps) in {report.seconds:.0f} s"
     if val is not None:
         start = time.perf_counter()
         evaluation = evaluate_coco(val, predict(model, val, score_threshold=config.score_threshold,

@@ -35,16 +35,19 @@ def default_steps() -> RoundSteps:
 
 
 def train_detector_step(
-    dataset: DetectionDataset, previous_dir: Path | None, config: Config, progress: Progress
+    dataset: DetectionDataset, previous_dir: Path | None, config: Config, progress: Progress,
+    val: DetectionDataset | None = None,
 ) -> Any:
-    """Build the configured detector, warm-start it from the previous version, train it on `dataset`."""
+    """Build the configured detector, warm-start it from the previous version, train it on `dataset` by the
+    configured schedule (`engine.fit_detector`); `val`, the round's held-out validation tasks, is what a
+    "budget" schedule stops by (never part of `dataset`)."""
     from magral_core.vision.detectors import build_detector
-    from magral_core.vision.engine import train_detector
+    from magral_core.vision.engine import chosen_image_size, fit_detector
 
     model = build_detector(
         config.detector,
         num_classes=dataset.num_classes,
-        image_size=config.image_size,
+        image_size=chosen_image_size(dataset, config),
         weights_dir=config.weights_dir,
         pretrained=True,
         seed=config.seed,
@@ -52,16 +55,11 @@ def train_detector_step(
     if previous_dir is not None and (previous_dir / files.DETECTOR_FILE).is_file():
         warm_start(model, load_model_step(previous_dir / files.DETECTOR_FILE))
     progress("training", 0.0)
-    train_detector(
-        model,
-        dataset,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        seed=config.seed,
-        device=config.device,
-        on_epoch=lambda epoch, _loss: progress("training", epoch / config.epochs),
-    )
+    if config.schedule == "epochs":
+        fit_detector(model, dataset, config,
+                     on_epoch=lambda epoch, _loss: progress("training", epoch / config.epochs))
+    else:
+        fit_detector(model, dataset, config, val=val)
     return model.to("cpu")
 
 

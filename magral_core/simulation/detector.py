@@ -41,15 +41,16 @@ class DetectorLearner:
 
     def train(self, labeled: np.ndarray, *, seed: int) -> Any:
         from magral_core.vision.detectors import build_detector
-        from magral_core.vision.engine import train_detector
+        from magral_core.vision.engine import chosen_image_size, fit_detector
 
-        train, _ = self.split(labeled)
+        train, val = self.split(labeled)
+        train_set = self.pool_data.subset(train.tolist())
         model = build_detector(self.config.detector, num_classes=self.pool_data.num_classes,
-                               image_size=self.config.image_size, weights_dir=self.config.weights_dir,
-                               seed=seed)
-        train_detector(model, self.pool_data.subset(train.tolist()), epochs=self.config.epochs,
-                       batch_size=self.config.batch_size, learning_rate=self.config.learning_rate, seed=seed,
-                       device=self.config.device)
+                               image_size=chosen_image_size(train_set, self.config),
+                               weights_dir=self.config.weights_dir, seed=seed)
+        # the proxy's validation part also stops a "budget" schedule: one carve of the labeled set
+        fit_detector(model, train_set, self.config.replace(seed=seed),
+                     val=self.pool_data.subset(val.tolist()))
         return model
 
     def evaluate(self, state: Any) -> Metrics:

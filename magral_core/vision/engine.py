@@ -10,6 +10,7 @@ Kept as one module because training, extraction and prediction share image prepa
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -17,15 +18,21 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from magral_core.config import Config
 from magral_core.datasets.images import read_image_rgb
 from magral_core.structures import AnnotatedImage, DetectionDataset, Detections
+from magral_core.vision.augment import Augmentation
 from magral_core.vision.detectors import detector_spec
+from magral_core.vision.detectors.sizing import box_sides_at, image_size_for
+from magral_core.vision.evaluation import evaluate_coco
+from magral_core.vision.schedule import BestKeeper, StepBudget, evaluation_steps
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +96,8 @@ class DecodedImageCache:
 
 @dataclass(frozen=True)
 class TrainReport:
-    """What a training run did: the schedule, its duration and the mean loss of every epoch."""
+    """What a training run did: the schedule, its duration and the mean loss of every epoch (the last one
+    possibly partial); with validation, every (step, score) evaluated and the step whose state was kept."""
 
     epochs: int
     iterations: int
@@ -98,6 +106,9 @@ class TrainReport:
     cpu_seconds: float
     """Process CPU time (all threads): on a shared machine, `seconds` also counts time spent waiting."""
     epoch_losses: list[float] = field(default_factory=list)
+    val_scores: list[tuple[int, float]] = field(default_factory=list)
+    best_step: int | None = None
+    """Steps done when the kept state was reached (None: no validation, the last state is kept)."""
 
     @property
     def seconds_per_image(self) -> float:
@@ -115,17 +126,22 @@ def learning_rate_at(step: int, total: int, peak: float) -> float:
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _target(image: AnnotatedImage, prepared: PreparedImage, flip: bool, device: torch.device
+def _target(image: AnnotatedImage, prepared: PreparedImage, flip: bool, device: torch.device,
+            augment: Augmentation | None = None, rng: np.random.Generator | None = None
             ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Float image in [0, 1] and its target in resized pixels (labels + 1), optionally flipped left-right."""
-    pixels = prepared.pixels.to(device=device, dtype=torch.float32).div_(255.0)  # (3, h, w)
-    boxes = torch.as_tensor(image.boxes_xyxy[~image.iscrowd], dtype=torch.float32) * prepared.scale  # (N, 4)
+    """Float image in [0, 1] and its target in resized pixels (labels + 1), optionally flipped left-right,
+    then augmented by `augment` with draws from `rng`."""
+    pixels = prepared.pixels.to(dtype=torch.float32).div_(255.0)  # (3, h, w)
+    boxes = torch.as_tensor(image.boxes_xyxy[~image.iscrowd], dtype=torch.float32).reshape(-1, 4)
+    boxes = boxes * prepared.scale  # (N, 4)
     labels = torch.as_tensor(image.labels[~image.iscrowd], dtype=torch.int64) + 1  # (N,)
     if flip:
         width = pixels.shape[-1]
         pixels = pixels.flip(-1)
         boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
-    return pixels, {"boxes": boxes.to(device), "labels": labels.to(device)}
+    if augment is not None and rng is not None:
+        pixels, boxes, labels = augment(pixels, boxes, labels, rng)
+    return pixels.to(device), {"boxes": boxes.to(device), "labels": labels.to(device)}
 
 
 def _batches(order: Sequence[int], batch_size: int) -> Iterator[list[int]]:
@@ -145,7 +161,8 @@ def train_detector(
     model: nn.Module,
     dataset: DetectionDataset,
     *,
-    epochs: int,
+    epochs: int | None = None,
+    steps: int | None = None,
     batch_size: int,
     learning_rate: float,
     seed: int,
@@ -153,19 +170,32 @@ def train_detector(
     progress: bool = False,
     cache: DecodedImageCache | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
+    augment: Augmentation | None = None,
+    validate: Callable[[nn.Module], float] | None = None,
+    eval_every: int = 0,
+    patience: int = 0,
 ) -> TrainReport:
-    """Train `model` in place on every image of `dataset` (images without boxes included) with a fixed
-    schedule: SGD (momentum 0.9, weight decay 1e-4), warmup + cosine decay of `learning_rate`, random
-    horizontal flips, `batch_size` images per step, the data order seeded by `seed`.
+    """Train `model` in place on every image of `dataset` (images without boxes included) for `epochs`
+    passes or `steps` optimiser steps (exactly one of them): SGD (momentum 0.9, weight decay 1e-4), warmup +
+    cosine decay of `learning_rate` over the whole run, random horizontal flips, then `augment` when given,
+    `batch_size` images per step, the data order seeded by `seed` (augmentation draws from its own
+    generator, so turning it on leaves the data order and flips as they were).
+
+    With `validate` (model in eval mode -> score, higher is better) and `eval_every` > 0 the score is taken
+    every `eval_every` steps and after the last; the state with the best score is loaded back at the end,
+    and training stops after `patience` evaluations without a gain (0: runs the whole budget).
 
     `cache` (same dataset and size) can be passed to reuse decoded images; `on_epoch(epoch, mean_loss)` is
     called after each epoch. Raises ValueError for an empty dataset or non-positive schedule values.
     """
     if len(dataset) == 0:
         raise ValueError("cannot train on an empty dataset")
-    if epochs < 1 or batch_size < 1 or learning_rate <= 0:
-        raise ValueError(f"epochs, batch_size and learning_rate must be > 0, found {epochs}, {batch_size}, "
-                         f"{learning_rate}")
+    if (epochs is None) == (steps is None):
+        raise ValueError("give exactly one of epochs and steps")
+    length = epochs if epochs is not None else steps
+    if length is None or length < 1 or batch_size < 1 or learning_rate <= 0:
+        raise ValueError(f"epochs/steps, batch_size and learning_rate must be > 0, found {length}, "
+                         f"{batch_size}, {learning_rate}")
     spec = detector_spec(model)
     cache = cache or DecodedImageCache(dataset, spec.image_size)
     dev = torch.device(device)
@@ -173,24 +203,32 @@ def train_detector(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=learning_rate, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     rng = np.random.default_rng(seed)
+    augment_rng = np.random.default_rng([seed, 1])
     generator = torch.Generator().manual_seed(seed)  # torchvision's samplers draw from the global generator
     steps_per_epoch = math.ceil(len(dataset) / batch_size)
-    total = epochs * steps_per_epoch
+    total = epochs * steps_per_epoch if epochs is not None else int(length)
+    n_epochs = math.ceil(total / steps_per_epoch)
+    checks = set(evaluation_steps(total, eval_every)) if validate is not None else set()
+    keeper = BestKeeper(patience)
+    best_state: dict[str, Tensor] | None = None
     step = 0
     epoch_losses: list[float] = []
     start, cpu_start = time.perf_counter(), time.process_time()
     with _seeded(generator):
-        for epoch in range(epochs):
+        for epoch in range(n_epochs):
             order = rng.permutation(len(dataset))
             flips = rng.random(len(dataset)) < 0.5
-            running = 0.0
+            running, done = 0.0, 0
             batches = _progress(_batches(order.tolist(), batch_size), progress, steps_per_epoch,
-                                f"epoch {epoch + 1}/{epochs}")
+                                f"epoch {epoch + 1}/{n_epochs}")
             for batch in batches:
+                if step == total or keeper.stop:
+                    break
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate_at(step, total, learning_rate)
                 images, targets = zip(
-                    *(_target(dataset.images[i], cache[i], bool(flips[i]), dev) for i in batch), strict=True
+                    *(_target(dataset.images[i], cache[i], bool(flips[i]), dev, augment, augment_rng)
+                      for i in batch), strict=True
                 )
                 losses = model(list(images), list(targets))
                 loss = sum(losses.values())
@@ -204,15 +242,29 @@ def train_detector(
                 torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
                 optimizer.step()
                 running += loss.item()
+                done += 1
                 step += 1
-            epoch_losses.append(running / steps_per_epoch)
-            log.info("epoch=%d/%d loss=%.4f elapsed=%.0fs cpu=%.0fs", epoch + 1, epochs, epoch_losses[-1],
+                if step in checks and validate is not None:
+                    model.eval()
+                    score = float(validate(model))
+                    model.train()
+                    if keeper.update(step, score):
+                        best_state = copy.deepcopy(model.state_dict())
+                    log.info("step=%d/%d val=%.4f best=%.4f@%d", step, total, score, keeper.best_score,
+                             keeper.best_step)
+            if done == 0:
+                break
+            epoch_losses.append(running / done)
+            log.info("epoch=%d/%d loss=%.4f elapsed=%.0fs cpu=%.0fs", epoch + 1, n_epochs, epoch_losses[-1],
                      time.perf_counter() - start, time.process_time() - cpu_start)
             if on_epoch is not None:
                 on_epoch(epoch + 1, epoch_losses[-1])
+    if best_state is not None:
+        model.load_state_dict(best_state)
     model.eval()
-    return TrainReport(epochs, total, len(dataset), time.perf_counter() - start,
-                       time.process_time() - cpu_start, epoch_losses)
+    return TrainReport(len(epoch_losses), step, len(dataset), time.perf_counter() - start,
+                       time.process_time() - cpu_start, epoch_losses, keeper.history,
+                       keeper.best_step if best_state is not None else None)
 
 
 @contextmanager
@@ -306,3 +358,62 @@ def predict(
     detections, _ = extract(model, images, batch_size=batch_size, score_threshold=score_threshold,
                             progress=progress, cache=cache)
     return detections
+
+
+def augmentation_of(config: Config) -> Augmentation | None:
+    """The configured training augmentation, or None when every part of it is off."""
+    augment = Augmentation(zoom_range=(config.zoom_min, config.zoom_max), colour=config.colour_jitter)
+    return augment if augment.enabled else None
+
+
+def fit_detector(
+    model: nn.Module,
+    train: DetectionDataset,
+    config: Config,
+    *,
+    val: DetectionDataset | None = None,
+    progress: bool = False,
+    cache: DecodedImageCache | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> TrainReport:
+    """Train `model` on `train` by the configured rule, the one rounds, `magral train` and the simulator
+    share: `schedule` "epochs" runs `epochs` passes; "budget" runs `StepBudget(steps_per_image, min_steps,
+    max_steps).steps(len(train))` steps and, when `val` has images, checks its mAP every `eval_every` steps,
+    keeps the best state and stops after `patience` checks without a gain. `val` is the caller's
+    validation part of the labeled set (never a test split); it is only read under "budget".
+    """
+    options: dict[str, Any] = {
+        "batch_size": config.batch_size, "learning_rate": config.learning_rate, "seed": config.seed,
+        "device": config.device, "progress": progress, "cache": cache, "on_epoch": on_epoch,
+        "augment": augmentation_of(config),
+    }
+    if config.schedule == "epochs":
+        return train_detector(model, train, epochs=config.epochs, **options)
+    steps = StepBudget(config.steps_per_image, config.min_steps, config.max_steps).steps(len(train))
+    if val is not None and len(val) > 0 and config.eval_every > 0:
+        val_cache = DecodedImageCache(val, detector_spec(model).image_size)
+
+        def validate(candidate: nn.Module) -> float:
+            detections = predict(candidate, val, score_threshold=config.score_threshold, cache=val_cache)
+            return evaluate_coco(val, detections).map
+
+        options.update(validate=validate, eval_every=config.eval_every, patience=config.patience)
+    return train_detector(model, train, steps=steps, **options)
+
+
+def chosen_image_size(train: DetectionDataset, config: Config) -> int:
+    """The input size to build the detector with for `train`: `config.image_size`, raised toward
+    `config.max_image_size` when the labeled boxes are small (`detectors.sizing.image_size_for`)."""
+    if config.max_image_size <= config.image_size:
+        return config.image_size
+    widths, heights, longest = [], [], []
+    for image in train.images:
+        boxes = image.boxes_xyxy[~image.iscrowd].reshape(-1, 4)
+        widths.append(boxes[:, 2] - boxes[:, 0])
+        heights.append(boxes[:, 3] - boxes[:, 1])
+        longest.append(np.full(len(boxes), max(image.width, image.height), np.float64))
+    if not widths:
+        return config.image_size
+    sides = box_sides_at(np.concatenate(widths), np.concatenate(heights), np.concatenate(longest),
+                         config.image_size)
+    return image_size_for(sides, config.image_size, config.max_image_size)

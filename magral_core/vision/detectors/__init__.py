@@ -38,6 +38,7 @@ Builder = Callable[..., nn.Module]
 
 DETECTORS: dict[str, Builder] = {
     "frcnn_mobilenet_v2": zoo.light_frcnn,
+    "frcnn_mobilenet_v2_p3": zoo.light_frcnn_p3,
     "ssd300_vgg16": zoo.ssd300_vgg16,
     "retinanet_resnet50_fpn": zoo.retinanet_resnet50_fpn,
     "ssdlite320_mobilenet_v3": zoo.ssdlite320_mobilenet_v3,

@@ -8,6 +8,10 @@ Layout (strides relative to the network input):
              a two-level FPN           -> {"0": P4, "1": P5}, `out_channels` each
     heads  = RPN (anchors 16–384 px) + MultiScaleRoIAlign 7×7 + two-layer MLP box head
 
+With `stride8` (the `frcnn_mobilenet_v2_p3` detector, for small objects) the trunk's own stride-8 output
+(32 channels with the default 7 trunk layers) enters the FPN as C3 too: {"0": P3, "1": P4, "2": P5}, with
+anchors 12–384 px (SMALL_ANCHOR_SIZES); the heads then see about 5 times the anchor positions.
+
 Every batch-norm layer is a `FrozenBatchNorm2d` holding the ImageNet statistics (folded into the convs in
 the trunk), so the trunk is a fixed function of the image: its feature maps can be computed once per
 image (and per flipped image) and cached, and `backbone.tail_forward(trunk_maps)` gives exactly what
@@ -41,20 +45,29 @@ C4_CHANNELS, C5_CHANNELS = 96, 320
 
 ANCHOR_SIZES = ((16, 32, 64), (96, 192, 384))  # pixels at the network input, per FPN level
 ASPECT_RATIOS = ((0.5, 1.0, 2.0),) * len(ANCHOR_SIZES)
+# with a stride-8 level: about 1.5-4 cells per anchor side on every level, as the two-level set has on P4
+SMALL_ANCHOR_SIZES = ((12, 20, 32), (48, 72, 108), (160, 256, 384))
+TRUNK_CHANNELS = {7: 32}  # channels of features[:trunk_layers] where it ends at stride 8
 
 
 class MobileNetV2Backbone(nn.Module):
     """Frozen trunk + trainable tail producing a two-level feature pyramid."""
 
-    def __init__(self, *, weights: MobileNet_V2_Weights | None, out_channels: int, trunk_layers: int) -> None:
+    def __init__(self, *, weights: MobileNet_V2_Weights | None, out_channels: int, trunk_layers: int,
+                 stride8: bool = False) -> None:
         super().__init__()
         if not 1 <= trunk_layers <= C4_END:
             raise ValueError(f"trunk_layers must be within [1, {C4_END}], found {trunk_layers}")
+        if stride8 and trunk_layers not in TRUNK_CHANNELS:
+            raise ValueError(f"a stride-8 level needs a trunk ending at stride 8 ({sorted(TRUNK_CHANNELS)} "
+                             f"layers), found {trunk_layers}")
         features = mobilenet_v2(weights=weights, norm_layer=FrozenBatchNorm2d).features
         self.trunk = fold_frozen_batch_norm(features[:trunk_layers])
         self.c4 = features[trunk_layers:C4_END]
         self.c5 = features[C4_END:C5_END]
-        self.fpn = FeaturePyramidNetwork([C4_CHANNELS, C5_CHANNELS], out_channels)
+        self.stride8 = stride8
+        inputs = [TRUNK_CHANNELS[trunk_layers]] if stride8 else []
+        self.fpn = FeaturePyramidNetwork([*inputs, C4_CHANNELS, C5_CHANNELS], out_channels)
         self.out_channels = out_channels
         self.trunk.requires_grad_(False)
 
@@ -64,10 +77,12 @@ class MobileNetV2Backbone(nn.Module):
             return self.trunk(images)
 
     def tail_forward(self, trunk_maps: Tensor) -> OrderedDict[str, Tensor]:
-        """Pyramid {"0": stride 16, "1": stride 32}, each (B, out_channels, h, w), from trunk maps."""
+        """Pyramid {"0": stride 16, "1": stride 32} (with `stride8`: {"0": 8, "1": 16, "2": 32}), each
+        (B, out_channels, h, w), from trunk maps."""
         c4 = self.c4(trunk_maps)  # (B, 96, H/16, W/16)
         c5 = self.c5(c4)  # (B, 320, H/32, W/32)
-        return self.fpn(OrderedDict([("0", c4), ("1", c5)]))
+        levels = [trunk_maps, c4, c5] if self.stride8 else [c4, c5]
+        return self.fpn(OrderedDict((str(i), level) for i, level in enumerate(levels)))
 
     def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:
         return self.tail_forward(self.trunk_forward(images))
@@ -150,15 +165,19 @@ def build_frcnn_mobilenet_v2(
     out_channels: int = 128,
     trunk_layers: int = 7,
     representation_size: int = 512,
+    stride8: bool = False,
 ) -> FasterRCNN:
     """The light Faster R-CNN for `num_classes` foreground classes (the model adds background as label 0).
 
     Images are resized so that their longest side is `image_size` pixels. `trunk_layers` MobileNetV2 blocks
-    are frozen (7 = up to stride 8, 32 channels).
+    are frozen (7 = up to stride 8, 32 channels); `stride8` adds their output as a stride-8 pyramid level.
     """
-    backbone = MobileNetV2Backbone(weights=weights, out_channels=out_channels, trunk_layers=trunk_layers)
-    anchors = AnchorGenerator(sizes=ANCHOR_SIZES, aspect_ratios=ASPECT_RATIOS)
-    roi_pool = MultiScaleRoIAlign(featmap_names=["0", "1"], output_size=7, sampling_ratio=1)
+    backbone = MobileNetV2Backbone(weights=weights, out_channels=out_channels, trunk_layers=trunk_layers,
+                                   stride8=stride8)
+    sizes = SMALL_ANCHOR_SIZES if stride8 else ANCHOR_SIZES
+    anchors = AnchorGenerator(sizes=sizes, aspect_ratios=((0.5, 1.0, 2.0),) * len(sizes))
+    roi_pool = MultiScaleRoIAlign(featmap_names=[str(i) for i in range(len(sizes))], output_size=7,
+                                  sampling_ratio=1)
     model = FasterRCNN(
         backbone,
         num_classes=None,

@@ -51,6 +51,14 @@ def light_frcnn(*, num_classes: int, image_size: int, weights_dir: Path, pretrai
         return build_frcnn_mobilenet_v2(num_classes=num_classes, image_size=image_size, weights=weights)
 
 
+def light_frcnn_p3(*, num_classes: int, image_size: int, weights_dir: Path, pretrained: bool) -> nn.Module:
+    """The light Faster R-CNN with a stride-8 level and smaller anchors, for small objects."""
+    weights = _weights(MobileNet_V2_Weights.IMAGENET1K_V1, weights_dir, "MobileNetV2 ImageNet", pretrained)
+    with hub_dir(weights_dir):
+        return build_frcnn_mobilenet_v2(num_classes=num_classes, image_size=image_size, weights=weights,
+                                        stride8=True)
+
+
 def ssd300_vgg16(*, num_classes: int, image_size: int, weights_dir: Path, pretrained: bool) -> nn.Module:
     """The paper's SSD300 on VGG16 (input fixed at 300×300 by its own transform; `image_size` is unused)."""
     backbone = _weights(VGG16_Weights.IMAGENET1K_FEATURES, weights_dir, "VGG16 ImageNet", pretrained)
