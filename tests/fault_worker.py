@@ -91,9 +91,9 @@ def worker_config(root: Path, redis_url: str) -> Any:
 def gated_steps(root: Path) -> Any:
     steps = toy_steps()
 
-    def train(dataset: Any, previous: Any, config: Any, progress: Any) -> Any:
+    def train(dataset: Any, previous: Any, config: Any, progress: Any, val: Any) -> Any:
         gate(root, "prepare")
-        return steps.train(dataset, previous, config, progress)
+        return steps.train(dataset, previous, config, progress, val)
 
     class GatedStrategy(ToyStrategy):
         def record(self, staging: Path, index: int) -> Mapping[str, Any]:

@@ -118,9 +118,12 @@ class FakeStudio:
 
 
 # --- toy steps: no torch, known answers ------------------------------------------------------------------
-def toy_train(dataset: DetectionDataset, previous: Path | None, config: Config, progress) -> dict[str, Any]:
+def toy_train(dataset: DetectionDataset, previous: Path | None, config: Config, progress,
+              val: DetectionDataset | None = None) -> dict[str, Any]:
     progress("training", 1.0)
-    return {"class_names": list(dataset.class_names), "n_train": len(dataset), "warm": previous is not None}
+    return {"class_names": list(dataset.class_names), "n_train": len(dataset), "warm": previous is not None,
+            "train_ids": [im.image_id for im in dataset.images],
+            "val_ids": [im.image_id for im in val.images] if val is not None else []}
 
 
 def toy_extract(model: Any, dataset: DetectionDataset, config: Config) -> tuple[list[Detections], np.ndarray]:

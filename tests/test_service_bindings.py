@@ -55,3 +55,27 @@ def test_warm_start_keeps_everything_but_the_class_dependent_head(tmp_path: Path
     same = next(k for k in after if k not in changed_shape and after[k].is_floating_point())
     assert torch.equal(after[same], before[same])
 
+
+
+def test_a_budget_round_stops_by_its_held_out_validation_tasks(tmp_path: Path, monkeypatch: Any) -> None:
+    from magral_core.service import tasks
+    from magral_core.vision import engine
+
+    seen: dict[str, list[int]] = {}
+    real_fit = engine.fit_detector
+
+    def fit(model: Any, dataset: Any, config: Any, **kwargs: Any) -> Any:
+        val = kwargs.get("val")
+        seen["train"] = [im.image_id for im in dataset.images]
+        seen["val"] = [im.image_id for im in val.images] if val is not None else []
+        return real_fit(model, dataset, config, **kwargs)
+
+    monkeypatch.setattr(engine, "fit_detector", fit)
+    studio = studio_with(tmp_path, labeled=range(1, 13), unlabeled=[20, 21])
+    config = toy_config(tmp_path, image_size=64, batch_size=2, schedule="budget", min_steps=2, max_steps=2,
+                        eval_every=1)
+    stages.run_round(1, client=studio, store=ModelStore(tmp_path / "store"), config=config,
+                     steps=bindings.default_steps())
+    held_out = [t for t in range(1, 13) if tasks.is_validation(1, t)]
+    assert held_out and sorted(seen["val"]) == held_out
+    assert sorted(seen["train"]) == [t for t in range(1, 13) if t not in held_out]

@@ -132,10 +132,10 @@ def test_events_during_a_round_run_exactly_one_follow_up(tmp_path: Path, redis_d
         """Toy steps whose first training receives 20 webhooks, as if annotators kept going."""
         steps = toy_steps()
 
-        def train(dataset: Any, previous: Any, config: Any, progress: Any) -> Any:
+        def train(dataset: Any, previous: Any, config: Any, progress: Any, val: Any) -> Any:
             if not decisions:
                 decisions.update(queue.annotations_changed(1, 1, min_new=1) for _ in range(20))
-            return steps.train(dataset, previous, config, progress)
+            return steps.train(dataset, previous, config, progress, val)
 
         return replace(steps, train=train)
 

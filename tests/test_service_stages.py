@@ -224,6 +224,8 @@ def test_map_is_measured_on_held_out_labeled_tasks_once_there_are_enough(tmp_pat
     assert metrics["map"] == 0.5 and metrics["ap50"] == 0.75
     model = toy_load(store.version_dir(1, version) / files.DETECTOR_FILE)
     assert model["n_train"] == 12 - len(held_out)  # validation tasks are not trained on
+    # ... and they are what the detector's training is handed to stop by
+    assert sorted(model["val_ids"]) == held_out and not set(model["val_ids"]) & set(model["train_ids"])
 
 
 def test_json_safe_replaces_non_finite_numbers() -> None:

@@ -105,7 +105,7 @@ def prepare(
 
     train_set, val_set, pool_set = images.train, images.val, images.pool_set
     previous_dir = store.version_dir(project, previous) if previous else None
-    model = steps.train(train_set, previous_dir, config, progress)
+    model = steps.train(train_set, previous_dir, config, progress, val_set)
     metrics: dict[str, Any] = {"map": None, "ap50": None, "per_class_ap": {}}
     if val_set is not None:
         progress("evaluating", 0.0)

@@ -67,15 +67,17 @@ class RoundStrategy(Protocol):
 class RoundSteps:
     """The model-dependent operations of a round.
 
-    - `train(dataset, previous_dir, config, progress) -> model`: a detector for `dataset.class_names`,
-      warm-started from the detector in `previous_dir` (a published version) when given;
+    - `train(dataset, previous_dir, config, progress, val) -> model`: a detector for `dataset.class_names`,
+      warm-started from the detector in `previous_dir` (a published version) when given; `val` is the
+      round's held-out validation tasks (never part of `dataset`, None when there are none), what a
+      "budget" schedule stops by;
     - `extract(model, dataset, config) -> (detections, embeddings (N, D))`;
     - `evaluate(dataset, detections) -> {"map", "ap50", "per_class_ap"}`;
     - `save_model(model, path, meta)` / `load_model(path) -> model`;
     - `strategy(name, config) -> RoundStrategy`: the registered strategy `name` as a round uses it.
     """
 
-    train: Callable[[DetectionDataset, Path | None, Config, Progress], Any]
+    train: Callable[[DetectionDataset, Path | None, Config, Progress, DetectionDataset | None], Any]
     extract: Callable[[Any, DetectionDataset, Config], tuple[list[Detections], np.ndarray]]
     evaluate: Callable[[DetectionDataset, list[Detections]], Mapping[str, Any]]
     save_model: Callable[[Any, Path, Mapping[str, Any]], None]
