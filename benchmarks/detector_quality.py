@@ -1,14 +1,16 @@
 """Detector quality on BCCD per training change: mAP, AP50, per-class AP and training seconds.
 
     python -m benchmarks.detector_quality [--data DIR] [--labeled 20 60 all] [--variants NAME ...]
-        [--out docs/results/detector_quality.json] [--markdown]
+        [--warm-chain] [--out docs/results/detector_quality.json] [--markdown]
 
 Each variant is trained on a seeded subset of BCCD `train` (`--labeled` images, or `all`) and evaluated on
 BCCD `val` (where variants are chosen) and `test` (reported only). Variants that stop early carve their
 validation part out of the labeled subset (`method.proxy.split_validation`, as the simulator does) and train
 on the rest; fixed schedules train on the whole subset. Every finished (variant, labeled) cell is written to
 `--out` at once (atomic JSON), and cells already there are not run again, so an interrupted run resumes.
-`--markdown` prints the table of `--out` without training.
+`--markdown` prints the table of `--out` without training. `--warm-chain` trains the `--labeled` sizes in
+order as successive rounds do (the first from the ImageNet trunk, each next warm-started from the one before,
+`service.bindings.warm_start`) and writes cells `<variant>@<n> warm`, to set against the cold `<variant>@<n>`.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
                            "config": {**BUDGET, "zoom_min": 0.8, "zoom_max": 1.6, "colour_jitter": 0.2}},
     "budget+p3": {"doc": "budget + a stride-8 level and 12-384 px anchors (frcnn_mobilenet_v2_p3)",
                   "config": {**BUDGET, "detector": "frcnn_mobilenet_v2_p3"}},
+    "budget+p3+zoom+long": {"doc": "budget+p3 + zoom 0.8-1.6, 6 steps per image",
+                            "config": {**BUDGET, "detector": "frcnn_mobilenet_v2_p3", "zoom_min": 0.8,
+                                       "zoom_max": 1.6, "steps_per_image": 6.0}},
     "budget+size": {"doc": "budget + input size chosen from the box sizes, at most 640 px",
                     "config": {**BUDGET, "max_image_size": 640}},
 }
@@ -59,8 +64,10 @@ def labeled_subset(train_size: int, labeled: str) -> list[int]:
     return sorted(np.random.default_rng(SUBSET_SEED).permutation(train_size)[:count].tolist())
 
 
-def run_cell(data: Path, variant: str, labeled: str) -> dict[str, Any]:
-    """Train one variant on one labeled subset; its val and test figures and training seconds."""
+def run_cell(data: Path, variant: str, labeled: str, start_from: Any = None) -> dict[str, Any]:
+    """Train one variant on one labeled subset; its val and test figures and training seconds.
+    `start_from`, a trained detector, warm-starts the model as a round does (`service.bindings.warm_start`)
+    instead of training from the ImageNet trunk; the trained model is returned in the row's "model"."""
     import numpy as np
 
     from magral_core.config import Config
@@ -80,6 +87,11 @@ def run_cell(data: Path, variant: str, labeled: str) -> dict[str, Any]:
     image_size = chosen_image_size(fit_set, config)
     model = build_detector(config.detector, num_classes=dataset.num_classes, image_size=image_size,
                            weights_dir=config.weights_dir, seed=config.seed)
+    warm_tensors = None
+    if start_from is not None:
+        from magral_core.service.bindings import warm_start
+
+        warm_tensors = warm_start(model, start_from)
     report = fit_detector(model, fit_set, config,
                           val=train.subset(part.tolist()) if len(part) else None)
     row: dict[str, Any] = {"variant": variant, "doc": VARIANTS[variant]["doc"], "labeled": len(positions),
@@ -88,11 +100,14 @@ def run_cell(data: Path, variant: str, labeled: str) -> dict[str, Any]:
                            "best_step": report.best_step, "val_part_scores": report.val_scores,
                            "train_seconds": report.seconds, "train_cpu_seconds": report.cpu_seconds,
                            "rule": {k: getattr(config, k) for k in RULE_FIELDS}}
+    if warm_tensors is not None:
+        row["warm_tensors"] = warm_tensors
     for name, split in (("val", val), ("test", test)):
         start = time.perf_counter()
         row[name] = evaluate_coco(split, predict(model, split, score_threshold=config.score_threshold)
                                   ).as_dict()
         row[f"{name}_infer_s_per_img"] = (time.perf_counter() - start) / len(split)
+    row["model"] = model
     return row
 
 
@@ -103,7 +118,8 @@ def _load(path: Path) -> dict[str, Any]:
 def markdown(results: dict[str, Any]) -> str:
     """The results as one Markdown table, one row per (labeled, variant) cell, in VARIANTS order."""
     rank = {name: i for i, name in enumerate(VARIANTS)}
-    cells = sorted(results["cells"].values(), key=lambda r: (r["labeled"], rank.get(r["variant"], 99)))
+    cells = sorted(results["cells"].values(),
+                   key=lambda r: (r["labeled"], rank.get(r["variant"], 99), "warm_from" in r))
     classes = sorted({c for r in cells for c in r["test"]["per_class_ap"]})
     head = ("| labeled | variant | trained on | px | steps (kept) | val mAP | test mAP | test AP50 | "
             + " | ".join(f"test AP {c}" for c in classes) + " | train s |")
@@ -111,7 +127,8 @@ def markdown(results: dict[str, Any]) -> str:
     for r in cells:
         per = " | ".join(f"{r['test']['per_class_ap'].get(c, float('nan')):.3f}" for c in classes)
         kept = "" if r.get("best_step") is None else f" ({r['best_step']})"
-        lines.append(f"| {r['labeled']} | {r['variant']} | {r['train_images']} | {r['image_size']} | "
+        name = r["variant"] + (f", warm from {r['warm_from']}" if "warm_from" in r else "")
+        lines.append(f"| {r['labeled']} | {name} | {r['train_images']} | {r['image_size']} | "
                      f"{r['steps']}{kept} | {r['val']['map']:.3f} | {r['test']['map']:.3f} | "
                      f"{r['test']['ap50']:.3f} | {per} | {r['train_seconds']:.0f} |")
     return "\n".join(lines)
@@ -122,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="BCCD directory")
     parser.add_argument("--labeled", nargs="+", default=["20"], help="labeled subset sizes, or 'all'")
     parser.add_argument("--variants", nargs="+", default=None, help=f"subset of {sorted(VARIANTS)}")
+    parser.add_argument("--warm-chain", action="store_true",
+                        help="train --labeled sizes in order as rounds do: the first from ImageNet, each next"
+                             " warm-started from the one before (cells '<variant>@<n> warm')")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON (resumed)")
     parser.add_argument("--markdown", action="store_true", help="print the table of --out and exit")
     args = parser.parse_args(argv)
@@ -136,20 +156,34 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(results))
         return 0
     setup_torch(Config.from_env().torch_threads)
+    variants = args.variants or list(VARIANTS)
+    for variant in variants:
+        if variant not in VARIANTS:
+            raise SystemExit(f"unknown variant {variant!r}; known: {sorted(VARIANTS)}")
+
+    def record(key: str, row: dict[str, Any]) -> None:
+        results["cells"][key] = {k: v for k, v in row.items() if k != "model"}
+        with atomic_open(args.out, "w") as handle:
+            json.dump(results, handle, indent=2)
+        print(f"{key}: val mAP {row['val']['map']:.3f}; test mAP {row['test']['map']:.3f} AP50 "
+              f"{row['test']['ap50']:.3f} {row['test']['per_class_ap']}; {row['steps']} steps, "
+              f"{row['train_seconds']:.0f} s", flush=True)
+
+    if args.warm_chain:  # a chain is trained whole: its models are not kept between runs
+        for variant in variants:
+            previous: Any = None
+            for before, labeled in zip([None, *args.labeled], args.labeled, strict=False):
+                row = run_cell(args.data, variant, labeled, start_from=previous)
+                if before is not None:
+                    row["warm_from"] = int(before) if before != "all" else before
+                    record(f"{variant}@{labeled} warm", row)
+                previous = row["model"]
+        return 0
     for labeled in args.labeled:
-        for variant in args.variants or list(VARIANTS):
-            if variant not in VARIANTS:
-                raise SystemExit(f"unknown variant {variant!r}; known: {sorted(VARIANTS)}")
+        for variant in variants:
             key = f"{variant}@{labeled}"
-            if key in results["cells"]:
-                continue
-            row = run_cell(args.data, variant, labeled)
-            results["cells"][key] = row
-            with atomic_open(args.out, "w") as handle:
-                json.dump(results, handle, indent=2)
-            print(f"{key}: val mAP {row['val']['map']:.3f}; test mAP {row['test']['map']:.3f} AP50 "
-                  f"{row['test']['ap50']:.3f} {row['test']['per_class_ap']}; {row['steps']} steps, "
-                  f"{row['train_seconds']:.0f} s", flush=True)
+            if key not in results["cells"]:
+                record(key, run_cell(args.data, variant, labeled))
     return 0
 
 

@@ -2,7 +2,8 @@
 
     python -m benchmarks.forecast RUNS [--flat-gain G] [--start 3] [--window W] [--json PATH]
 
-RUNS is a `magral simulate` output directory (its `rounds/<strategy>/seed<s>/round<r>.json`). For every curve
+RUNS is a `magral simulate` output directory (its `rounds/<strategy>/seed<s>/round<r>.json`) or the `--store`
+directory it wrote them to. For every curve
 (strategy, seed) and every k with at least 2 earlier rounds, the forecast (`magral_core.method.forecast`) is
 fitted to rounds 0..k-1 and asked for the mAP at round k's label count; the error is against round k's
 measured test mAP. Prints the mean absolute error per forecast method (power law with >= 3 rounds, straight
@@ -21,20 +22,23 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from magral_core.atomic import atomic_open
 from magral_core.config import Config
 from magral_core.method.forecast import FLATTENED, PAYING_OFF, forecast
 
 
 def load_curves(runs: Path) -> dict[tuple[str, int], list[tuple[int, float]]]:
-    """(strategy, seed) → [(n_labeled, mAP)] by round, from a simulate output directory."""
+    """(strategy, seed) → [(n_labeled, mAP)] by round, from a simulate output directory (its `rounds/`) or
+    from the `--store` directory it was given."""
     curves: dict[tuple[str, int], list[tuple[int, int, float]]] = defaultdict(list)
-    for path in sorted((runs / "rounds").glob("*/seed*/round*.json")):
+    store = runs / "rounds" if (runs / "rounds").is_dir() else runs
+    for path in sorted(store.glob("*/seed*/round*.json")):
         record = json.loads(path.read_text())
         curves[(record["strategy"], int(record["seed"]))].append(
             (int(record["round"]), int(record["n_labeled"]), float(record["map"]))
         )
     if not curves:
-        raise SystemExit(f"expected round files under {runs / 'rounds'}/<strategy>/seed<s>/, found none")
+        raise SystemExit(f"expected round files under {store}/<strategy>/seed<s>/, found none")
     return {key: [(n, m) for _, n, m in sorted(points)] for key, points in curves.items()}
 
 
@@ -102,7 +106,10 @@ def main() -> None:
           f"'flattened' on {result['flattened_at_start']}/{n}; all rounds 'flattened' on "
           f"{result['flattened_at_end']}/{n}")
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        result["flat_gain"], result["start"], result["window"] = args.flat_gain, args.start, args.window
+        result["points"] = {f"{s}/seed{seed}": points for (s, seed), points in sorted(curves.items())}
+        with atomic_open(args.json, "w") as handle:
+            handle.write(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
