@@ -1,6 +1,7 @@
 """Fault figures: how fast a dead round is found and its deferred work runs, what a Redis outage refuses.
 
-    python -m benchmarks.faults [--outage-s 60] [--stages prepare,records,propose,finish] [--json PATH]
+    python -m benchmarks.faults [--outage-s 60] [--stages prepare,scoring,records,propose,finish]
+                                [--json PATH]
 
 Everything runs as the fault tests run it (`tests/fault_harness.py`, `tests/test_service_faults.py`): real
 `magral worker` processes (the entry's own loop and reaper, toy steps and a fake Label Studio in files),
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--outage-s", type=float, default=60.0, help="seconds Redis stays down (default 60)")
-    parser.add_argument("--stages", default="prepare,records,propose,finish",
+    parser.add_argument("--stages", default="prepare,scoring,records,propose,finish",
                         help="stages to kill a worker in")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)

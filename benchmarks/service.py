@@ -418,6 +418,7 @@ def prepare_lut_round(studio: LocalStudio, config: Any) -> Path:
     staging = store.begin(PROJECT, store.reserve_version(PROJECT))
     ctx = stages.RoundContext(config, bindings.default_steps(), lambda *_: None)
     plan = stages.prepare(PROJECT, staging.name.split(".", 1)[0], staging, studio, store, ctx)
+    plan = stages.score_here(staging, plan, ctx)  # a pool larger than MAGRAL_SCORING_CHUNK
     if plan.strategy != "magral" or not plan.lut_records:
         raise RuntimeError(f"the round for (c) uses {plan.strategy!r} with {plan.lut_records} records")
     return staging

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -63,7 +64,8 @@ class Config:
     """Seed of every random generator (data order, initialisation, sampling). Default 0."""
 
     device: str = field(default="cpu", metadata={"env": "MAGRAL_DEVICE"})
-    """Torch device for training and inference: "cpu" or "cuda". Default "cpu"."""
+    """Torch device of every torch stage (training, scoring, evaluation, the look-up table's rewards and
+    `/predict`): "cpu", "cuda" or "cuda:<index>". Default "cpu"."""
 
     threads: int = field(default=0, metadata={"env": "MAGRAL_THREADS"})
     """Torch intra-op threads per process; 0 = CPU cores divided by `processes_per_machine`. Default 0."""
@@ -138,6 +140,13 @@ class Config:
 
     prediction_threshold: float = field(default=0.3, metadata={"env": "MAGRAL_PREDICTION_THRESHOLD"})
     """Boxes below this confidence are not shown to annotators as pre-annotations (0–1). Default 0.3."""
+
+    scoring_chunk: int = field(default=256, metadata={"env": "MAGRAL_SCORING_CHUNK"})
+    """Unlabeled images per scoring job after a round's training (rounded up to a multiple of
+    `batch_size`, so chunks batch images as one pass would): a larger pool is split into chunks of this
+    many, each scored by its own job (workers share them); a pool that fits in one chunk is scored in the
+    training job. 256: about 35 s for the default detector on one CPU thread, so loading the detector in
+    each job (under 1 s) costs little, and 2,000 images still give 8 jobs. Default 256."""
 
     # --- active learning -----------------------------------------------------------------------------------
     budget: int = field(default=20, metadata={"env": "MAGRAL_BUDGET"})
@@ -286,7 +295,7 @@ class Config:
                     "budget", "lut_records", "lut_neighbours",
                     "processes_per_machine", "max_request_bytes", "max_image_bytes", "max_image_pixels",
                     "image_cache_bytes", "round_timeout", "studio_attempts", "studio_page_size",
-                    "prediction_chunk")
+                    "prediction_chunk", "scoring_chunk")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, found {getattr(self, name)}")
@@ -305,7 +314,7 @@ class Config:
                 f"{_env_name('studio_max_backoff')} ({self.studio_max_backoff})"
             )
 
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+        if re.fullmatch(r"cpu|cuda(:[0-9]+)?", self.device) is None:
             raise ConfigError(
                 f"{_env_name('device')} must be 'cpu', 'cuda' or 'cuda:<index>'; found {self.device!r}"
             )

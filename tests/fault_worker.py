@@ -2,7 +2,8 @@
 the worker entry's own loop (`serve.work_forever`: reconnection, reaper) with the fake Label Studio of
 service_fixtures kept in files under `<root>` (so the test process sees what was pushed) and the toy steps.
 
-With MAGRAL_FAULT_GATE=<stage> ("prepare", "records", "propose", "finish") the round blocks at that stage:
+With MAGRAL_FAULT_GATE=<stage> ("prepare", "scoring", "records", "propose", "finish") the round blocks at
+that stage ("scoring": in a job scoring a chunk of the pool):
 it writes `<root>/reached-<stage><tag>` and waits until `<root>/release<tag>` exists (never, for a kill);
 `<tag>` is MAGRAL_FAULT_TAG (default empty). The
 "finish" gate is in the push to Label Studio, after the version is published.
@@ -83,9 +84,10 @@ def read_lines(path: Path) -> list[Any]:
 
 
 def worker_config(root: Path, redis_url: str) -> Any:
-    """MAGRAL for the pool (3 labeled >= 1), 2 + 2 records: every stage of a round runs."""
+    """MAGRAL for the pool (3 labeled >= 1), the pool scored in 3 chunk jobs, 2 + 2 records: every stage of
+    a round runs."""
     return toy_config(root / "home", redis_url=redis_url, min_labeled_for_magral=1, lut_records=4,
-                      min_new_annotations=1)
+                      min_new_annotations=1, scoring_chunk=2, batch_size=2)
 
 
 def gated_steps(root: Path) -> Any:
@@ -94,6 +96,11 @@ def gated_steps(root: Path) -> Any:
     def train(dataset: Any, previous: Any, config: Any, progress: Any, val: Any) -> Any:
         gate(root, "prepare")
         return steps.train(dataset, previous, config, progress, val)
+
+    def extract(model: Any, dataset: Any, config: Any) -> Any:
+        if {image.image_id for image in dataset.images} <= set(UNLABELED):  # a chunk of the pool
+            gate(root, "scoring")
+        return steps.extract(model, dataset, config)
 
     class GatedStrategy(ToyStrategy):
         def record(self, staging: Path, index: int) -> Mapping[str, Any]:
@@ -104,7 +111,7 @@ def gated_steps(root: Path) -> Any:
             gate(root, "propose")
             return super().propose(staging, records)
 
-    return replace(steps, train=train, strategy=GatedStrategy)
+    return replace(steps, train=train, extract=extract, strategy=GatedStrategy)
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from service_fixtures import studio_with, toy_config
@@ -79,3 +80,26 @@ def test_a_budget_round_stops_by_its_held_out_validation_tasks(tmp_path: Path, m
     held_out = [t for t in range(1, 13) if tasks.is_validation(1, t)]
     assert held_out and sorted(seen["val"]) == held_out
     assert sorted(seen["train"]) == [t for t in range(1, 13) if t not in held_out]
+
+
+def test_the_pool_scored_in_chunks_is_the_pool_scored_in_one_pass(tmp_path: Path) -> None:
+    # images of several sizes, so a batch's padding would show if chunking changed how images are batched
+    studio = studio_with(tmp_path, labeled=[1, 2, 3], unlabeled=[])
+    for task, size in zip([9, 4, 7, 5, 8], [(64, 48), (40, 60), (64, 48), (50, 30), (30, 64)], strict=True):
+        studio.add_task(task, size=size)
+    store = ModelStore(tmp_path / "store")
+    # 3 images per chunk asked for: 4, the next multiple of the batch size, so chunks batch as one pass
+    config = toy_config(tmp_path, image_size=64, epochs=1, batch_size=2, scoring_chunk=3)
+    version = stages.run_round(1, client=studio, store=store, config=config, steps=bindings.default_steps())
+    directory = store.version_dir(1, version)
+    plan = files.RoundPlan.load(directory)
+    assert (plan.scoring_chunks, plan.scoring_chunk) == (2, 4)
+    chunked = files.load_pool(directory / files.POOL_FILE)
+    pool = files.load_images(directory / files.IMAGES_FILE)["pool"]
+    assert pool is not None and [im.image_id for im in pool.images] == [9, 4, 7, 5, 8]
+    model = bindings.load_model_step(directory / files.DETECTOR_FILE)
+    detections, embeddings = bindings.extract_step(model, pool, config)
+    assert np.array_equal(chunked["embeddings"], embeddings)
+    for a, b in zip(chunked["detections"], detections, strict=True):
+        assert np.array_equal(a.boxes_xyxy, b.boxes_xyxy) and np.array_equal(a.scores, b.scores)
+        assert np.array_equal(a.labels, b.labels) and np.array_equal(a.class_probs, b.class_probs)

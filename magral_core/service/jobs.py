@@ -22,7 +22,8 @@ from pathlib import Path
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import get_current_job
-from rq.job import Job
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
 
 from magral_core.config import Config
 from magral_core.service import context, stages, staging
@@ -147,20 +148,83 @@ def start_round(project: int) -> str:
 
 
 def prepare_round(project: int, staging_dir: str) -> str:
-    """Train and score (see `stages.prepare`), then fan out the look-up-table record jobs and the fan-in
-    job that depends on them. Returns the version being built."""
+    """Train (see `stages.prepare`); then, when the pool is larger than one scoring chunk, fan out the
+    scoring jobs and the `pool_round` fan-in that depends on them; otherwise (the pool scored in this job)
+    fan out the look-up-table record jobs and their fan-in. Returns the version being built."""
     job = _current_job()
     ctx, round_ctx = _round_context(staging_dir, job)
     try:
         with _lease(job, ctx.config, project, _version_of(staging_dir)):
             plan = stages.prepare(project, _version_of(staging_dir), Path(staging_dir), ctx.client(project),
                                   ctx.store, round_ctx)
-        then = Stage.PROPOSE if plan.lut_records else Stage.FINISH
-        _fan_out(job, ctx.config, project, staging_dir, range(plan.lut_records), then)
+        coordinator = _coordinator(job, ctx.config)
+        if plan.scoring_chunks:
+            chunks = coordinator.enqueue_chunks(project, staging_dir, range(plan.scoring_chunks))
+            _then(coordinator, project, staging_dir, chunks, Stage.POOL, "scoring", "chunks")
+        else:
+            _fan_out(job, ctx.config, project, staging_dir, range(plan.lut_records), _after_pool(plan))
         return plan.version
     except Exception as exc:
         _fail(project, exc, ctx=ctx, staging_dir=Path(staging_dir), job=job)
         raise
+
+
+def score_chunk(project: int, staging_dir: str, index: int) -> str:
+    """One scoring chunk of a round's pool (independent of the others; see `stages.score_chunk`), its
+    progress counted in the `pool_round` job's meta. Returns the chunk file's path."""
+    job = get_current_job()
+    ctx, round_ctx = _round_context(staging_dir, job)
+    version = _version_of(staging_dir)
+    round_ctx.progress("scoring", 0.0)
+    with _lease(job, ctx.config, project, version):
+        path = stages.score_chunk(Path(staging_dir), index, round_ctx)
+    if job is not None:
+        try:
+            _coordinator(job, ctx.config).chunk_scored(project, version)
+        except REDIS_DOWN as exc:  # progress is for /status only: the chunk is written
+            log.warning("project=%s version=%s chunk %d progress not saved: %s", project, version, index, exc)
+    return str(path)
+
+
+def pool_round(project: int, staging_dir: str) -> str:
+    """Fan-in job of the scoring chunks: a chunk whose job failed fails the round (its error named); else
+    merge them into the pool file and finish stage 1 (see `stages.score_pool`), then fan out the record
+    jobs and their fan-in. Returns the version being built."""
+    job = _current_job()
+    ctx, round_ctx = _round_context(staging_dir, job)
+    try:
+        failed = _failed_dependency(job)
+        if failed is not None:
+            raise RuntimeError(failed)
+        with _lease(job, ctx.config, project, _version_of(staging_dir)):
+            plan = stages.score_pool(Path(staging_dir), round_ctx)
+        _fan_out(job, ctx.config, project, staging_dir, range(plan.lut_records), _after_pool(plan))
+        return plan.version
+    except Exception as exc:
+        _fail(project, exc, ctx=ctx, staging_dir=Path(staging_dir), job=job)
+        raise
+
+
+def _after_pool(plan: staging.RoundPlan) -> Stage:
+    return Stage.PROPOSE if plan.lut_records else Stage.FINISH
+
+
+def _failed_dependency(job: Job) -> str | None:
+    """What went wrong with the first of `job`'s dependencies that did not finish (its id and the last line
+    of its error), or None when none failed. A dependency gone from Redis finished long ago (its result
+    expired): what it wrote is checked by the stage."""
+    for dependency_id in job.dependency_ids:
+        try:
+            dependency = Job.fetch(dependency_id, connection=job.connection)
+        except NoSuchJobError:
+            continue
+        status = dependency.get_status(refresh=True)
+        if status != JobStatus.FINISHED:
+            result = dependency.latest_result()
+            error = (result.exc_string or "").strip().splitlines() if result is not None else []
+            state = getattr(status, "value", status)
+            return f"job {dependency_id} {state}: {error[-1] if error else 'no error recorded'}"
+    return None
 
 
 def propose_round(project: int, staging_dir: str) -> str:
@@ -184,11 +248,16 @@ def _fan_out(job: Job, config: Config, project: int, staging_dir: str, indices: 
     """One `lut_record` job per index, and stage `then` once they have all ended."""
     coordinator = _coordinator(job, config)
     records = coordinator.enqueue_records(project, staging_dir, indices)
+    _then(coordinator, project, staging_dir, records, then, "lookup_table", "records")
+
+
+def _then(coordinator: RoundQueue, project: int, staging_dir: str, jobs: Sequence[Job], then: Stage,
+          stage: str, count: str) -> None:
+    """Stage `then` once `jobs` have all ended, shown meanwhile as `stage` with `count` = how many."""
     version = _version_of(staging_dir)
-    # what /status shows while the record jobs run
-    progress = {"stage": "lookup_table", "fraction": 0.0, "version": version, "records": len(records)}
-    meta = {"progress": progress}
-    coordinator.enqueue_stage(project, then, staging_dir, depends_on=records, meta=meta)
+    # what /status shows while the fanned-out jobs run
+    progress = {"stage": stage, "fraction": 0.0, "version": version, count: len(jobs)}
+    coordinator.enqueue_stage(project, then, staging_dir, depends_on=jobs, meta={"progress": progress})
     coordinator.touch(project, job_id=stage_job_id(project, then), version=version)
 
 

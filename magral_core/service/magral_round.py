@@ -105,6 +105,7 @@ def build_reward(staging: Path, config: Config, name: str | None = None) -> Rewa
     """
     from magral_core.method import rewards
     from magral_core.vision.checkpoint import load_checkpoint
+    from magral_core.vision.engine import torch_device
 
     name = name or config.reward
     images = files.load_images(staging / files.IMAGES_FILE)
@@ -114,7 +115,8 @@ def build_reward(staging: Path, config: Config, name: str | None = None) -> Rewa
             f"MAGRAL needs labeled validation images (at least {MIN_LABELED_FOR_VALIDATION} labeled tasks); "
             "found none"
         )
-    model, _meta = load_checkpoint(staging / files.DETECTOR_FILE)  # the reward runs on the CPU
+    model, _meta = load_checkpoint(staging / files.DETECTOR_FILE)
+    model.to(torch_device(config.device))  # caching and every record run there (caches hold CPU tensors)
     cache = staging / reward_cache_file(name)
 
     def make() -> SharedReward:

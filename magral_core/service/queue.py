@@ -1,22 +1,25 @@
 """Turning Label Studio events into rq jobs: at most one queued and one running round per project.
 
-A round is a chain of rq jobs (`jobs.start_round` → `jobs.prepare_round` → look-up-table records →
-`jobs.propose_round` → near-policy records → `jobs.finish_round`; the later ones are queued at the front
-so a started round finishes first). This module is the one place that enqueues: every job's dotted path,
-id, timeout and result TTL is here (`enqueue_stage`, `enqueue_records`, `enqueue_scoring`,
+A round is a chain of rq jobs (`jobs.start_round` → `jobs.prepare_round` → [pool scoring chunks →
+`jobs.pool_round`, when the pool is larger than one chunk] → look-up-table records → `jobs.propose_round`
+→ near-policy records → `jobs.finish_round`; the later ones are queued at the front so a started round
+finishes first). This module is the one place that enqueues: every job's dotted path, id, timeout and
+result TTL is here (`enqueue_stage`, `enqueue_chunks`, `enqueue_records`, `enqueue_scoring`,
 `enqueue_webhook_auth`). Per project, Redis holds (keys under `<prefix>:<project>:`):
 
 - `new`: annotations created/updated/deleted since the running (or last) round began (an integer);
 - `forced`: a START_TRAINING arrived since then (runs whatever `new` says);
 - `active`: set while a round chain runs (JSON: the chain's current job id and version); it expires after
   the round timeout;
+- `scored:<version>`: how many of that round's scoring chunks are done (`chunk_scored`, for its progress);
 - `lease`: the running round's lease, a key with a short TTL (`lease_s`) that every job of the round renews
   while it runs (`renew_lease`, from a heartbeat thread in the job). A round is dead when its current job
   has gone or ended without `end_round`, or when that job is not waiting for a worker and the lease has
-  expired (its worker was SIGKILLed, lost its machine...). A dead round is detected on the next event,
-  `/status` or a worker's periodic `reap` (so within `lease_s` + the reap period of the death), and handed to
-  the `on_abandoned` hook (mark it failed, drop its files) before the follow-up it deferred is enqueued:
-  a press or a burst of annotations during a dead round is never lost.
+  expired (its worker was SIGKILLed, lost its machine...); a fan-in counts as waiting while one of its
+  record or scoring jobs does. A dead round is detected on the next event, `/status` or a worker's
+  periodic `reap` (so within `lease_s` + the reap period of the death), and handed to the `on_abandoned`
+  hook (mark it failed, drop its files) before the follow-up it deferred is enqueued: a press or a burst
+  of annotations during a dead round is never lost.
 
 The rules, applied under a short per-project Redis lock:
 
@@ -29,7 +32,8 @@ Job arguments are ids only (they travel through Redis: no configuration, no secr
 configuration from its own environment (see `magral_core.service.jobs`).
 
 Deterministic job ids (rq allows letters, digits, "_" and "-" only): `round-<p>` (first step),
-`round-<p>-prepare`, `round-<p>-lut-<i>`, `round-<p>-finish`, `announce-<p>`, `webhook-auth-<p>`.
+`round-<p>-prepare`, `round-<p>-score-<i>`, `round-<p>-pool`, `round-<p>-lut-<i>`, `round-<p>-propose`,
+`round-<p>-finish`, `announce-<p>`, `webhook-auth-<p>`.
 
 Redis errors (`redis.exceptions.ConnectionError`, `TimeoutError`) propagate: callers decide (the web answers
 503, a worker retries with backoff).
@@ -69,6 +73,8 @@ class Stage(StrEnum):
     """The stages of a round after `start_round`, each one rq job (`jobs.<stage>_round`)."""
 
     PREPARE = "prepare"
+    POOL = "pool"
+    """The fan-in of the pool's scoring chunks (only when the pool is larger than one chunk)."""
     PROPOSE = "propose"
     FINISH = "finish"
 
@@ -119,6 +125,10 @@ def stage_job_id(project: int, stage: Stage) -> str:
 
 def lut_job_id(project: int, index: int) -> str:
     return f"round-{project}-lut-{index}"
+
+
+def score_job_id(project: int, index: int) -> str:
+    return f"round-{project}-score-{index}"
 
 
 class RoundQueue:
@@ -211,8 +221,9 @@ class RoundQueue:
         meta: dict[str, Any] | None = None,
     ) -> Job:
         """Queue stage `stage` of the round building `staging` (at the front: a started round finishes
-        first); after every job of `depends_on` has ended, failed ones included (a missing record is computed
-        by the fan-in). A finished job of an earlier round holding the same id is removed first."""
+        first); after every job of `depends_on` has ended, failed ones included (the fan-in decides: a
+        missing record is computed by it, a failed scoring chunk fails the round). A finished job of an
+        earlier round holding the same id is removed first."""
         job_id = stage_job_id(project, stage)
         self._drop_stale(job_id)
         return self.queue.enqueue_call(
@@ -245,6 +256,44 @@ class RoundQueue:
                 )
             )
         return jobs
+
+    def enqueue_chunks(self, project: int, staging: str, indices: Sequence[int]) -> list[Job]:
+        """Queue one pool-scoring job (`jobs.score_chunk`) per chunk index of the round building
+        `staging`."""
+        jobs = []
+        for index in indices:
+            self._drop_stale(score_job_id(project, index))
+            jobs.append(
+                self.queue.enqueue_call(
+                    f"{JOBS}.score_chunk",
+                    args=(int(project), str(staging), int(index)),
+                    job_id=score_job_id(project, index),
+                    timeout=self.round_timeout,
+                    result_ttl=RECORD_RESULT_TTL,
+                    at_front=True,
+                )
+            )
+        return jobs
+
+    def chunk_scored(self, project: int, version: str) -> int:
+        """A scoring chunk of the round building `version` is written: count it and set the fraction of
+        chunks done in the progress of the round's `pool` stage job (whose meta `enqueue_stage` was given
+        with `chunks`). Under the project's lock, so concurrent chunks never lower the fraction. Returns the
+        chunks done so far; nothing is written when the project's active round is another one."""
+        with self._lock(project):
+            raw = self.connection.get(self._key(project, "active"))
+            if not raw or json.loads(raw).get("version") != version:
+                return 0
+            key = self._key(project, f"scored:{version}")
+            done = int(self.connection.incr(key))
+            self.connection.expire(key, self.round_timeout)
+            job = self._fetch(stage_job_id(project, Stage.POOL))
+            progress = dict((job.meta or {}).get("progress") or {}) if job is not None else {}
+            if job is not None and progress.get("version") == version and int(progress.get("chunks", 0)):
+                progress["fraction"] = round(min(1.0, done / int(progress["chunks"])), 3)
+                job.meta["progress"] = progress
+                job.save_meta()
+            return done
 
     def _drop_stale(self, job_id: str) -> None:
         """Remove a job of an earlier round that holds the id this round needs."""
@@ -351,7 +400,7 @@ class RoundQueue:
             d is not None and d.get_status(refresh=True) in WAITING
             for d in (self._fetch(i) for i in job.dependency_ids)
         ):
-            return None  # its record jobs wait for a worker
+            return None  # its record or scoring jobs wait for a worker
         if time.time() - float(active.get("since", 0.0)) < self.lease_s or self._uptime() < self.lease_s:
             return None  # just begun, or Redis itself restarted: give the job one lease to renew
         return dead(

@@ -4,8 +4,11 @@ for tasks → images, `service.staging` for the files).
 
 1. `prepare`: fetch every task and annotation through the client (a webhook is only a trigger), train the
    detector warm-started from the served version on the labeled tasks less the validation ones, evaluate it
-   on those, run it once over the unlabeled pool (detections + embeddings), let the strategy prepare what
-   its record jobs share, and write the plan.
+   on those, and write the plan. Then the detector runs once over the unlabeled pool (detections +
+   embeddings): in `prepare` itself when the pool fits in one scoring chunk (`MAGRAL_SCORING_CHUNK`),
+   else as `score_chunk(i)` jobs over consecutive chunks (in parallel, each loading the staged detector)
+   and `score_pool` after them, which merges the chunks in pool order. Either way the stage ends by
+   letting the strategy prepare what its record jobs share.
 2. `lut_record(i)`: one record of the strategy (independent of the others, so they run in parallel as
    separate jobs; MAGRAL's look-up table, none for a heuristic). `propose`: after the first records, the
    strategy asks for more (MAGRAL: records near its policy), computed by `lut_record` in the same way.
@@ -28,13 +31,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from magral_core.config import Config
+from magral_core.errors import StoreError
 from magral_core.method.features import detection_stats
 from magral_core.service import staging as files
 from magral_core.service.bad_input import FetchLog, bad_input_summary
@@ -85,7 +89,10 @@ def choose_strategy(n_labeled: int, n_unlabeled: int, config: Config) -> str:
 def prepare(
     project: int, version: str, staging: Path, client: StudioClient, store: ModelStore, ctx: RoundContext
 ) -> RoundPlan:
-    """Fetch, train, evaluate, extract; write the plan, detector and pool arrays into `staging`.
+    """Fetch, train, evaluate; write the detector, the image sets, the labeled images' outputs and the plan
+    into `staging`. A pool that fits in one scoring chunk (`MAGRAL_SCORING_CHUNK`) is then scored here and
+    the stage completes (`score_pool`); a larger one is left to `score_chunk` jobs, one per chunk of the
+    plan's `scoring_chunks`, and `score_pool` after them.
 
     Raises UserError when the project's label config has no box control or no task is annotated.
     """
@@ -111,31 +118,95 @@ def prepare(
         progress("evaluating", 0.0)
         metrics = json_safe(dict(steps.evaluate(val_set, steps.extract(model, val_set, config)[0])))
     progress("scoring", 0.0)
-    detections, embeddings = (
-        steps.extract(model, pool_set, config) if len(pool_set) else ([], np.zeros((0, 0)))
-    )
-    _, labeled_embeddings = steps.extract(model, train_set, config)
     steps.save_model(model, staging / files.DETECTOR_FILE,
                      {"version": version, "class_names": list(class_names), "project": project,
                       "metrics": metrics})
-    files.save_pool(
-        staging / files.POOL_FILE, detections, np.asarray(embeddings), np.asarray(labeled_embeddings)
-    )
     files.save_images(staging / files.IMAGES_FILE, {"train": train_set, "val": val_set, "pool": pool_set})
+    labeled_detections, labeled_embeddings = steps.extract(model, train_set, config)
+    labeled_embeddings = np.asarray(labeled_embeddings)
+    files.save_pool(staging / files.LABELED_FILE, labeled_detections, labeled_embeddings,
+                    np.zeros((0, labeled_embeddings.shape[1] if labeled_embeddings.ndim == 2 else 0)))
 
-    strategy = steps.strategy(strategy_name, config)
-    records = strategy.records(len(images.pool))
-    if records:
-        progress("caching", 0.0)
-        strategy.prepare(staging)  # once here, so the record jobs only load it
-    metrics.update(stage_seconds=clock.seconds(), started_at=clock.started, prepared_at=time.time(),
+    # a multiple of the batch size: the chunks batch the pool's images as one pass would
+    chunk = -(-config.scoring_chunk // config.batch_size) * config.batch_size
+    chunks = files.chunk_bounds(len(pool_set), chunk)
+    metrics.update(stage_seconds=clock.seconds(), started_at=clock.started, scoring_from=time.time(),
                    bad_input=bad_input_summary(fetches.failures))
     plan = RoundPlan(
-        project, version, class_names, asdict(label_config), strategy_name, records,
+        project, version, class_names, asdict(label_config), strategy_name,
+        steps.strategy(strategy_name, config).records(len(images.pool)),
         tuple(i.image_id for i in images.labeled),
         tuple(i.image_id for i in val_set.images) if val_set is not None else (),
         images.pool_tasks, images.skipped, metrics,
+        scoring_chunks=len(chunks) if len(chunks) > 1 else 0, scoring_chunk=chunk,
     )
+    plan.save(staging)
+    if plan.scoring_chunks:
+        log.info("project=%s version=%s pool of %d images left to %d scoring jobs", project, version,
+                 len(pool_set), plan.scoring_chunks)
+        return plan
+    # one chunk at most: scored here with the detector in memory, no job to wait for
+    detections, embeddings = (
+        steps.extract(model, pool_set, config) if len(pool_set) else ([], np.zeros((0, 0)))
+    )
+    files.save_pool(staging / files.POOL_FILE, detections, np.asarray(embeddings), labeled_embeddings)
+    return _pool_ready(staging, plan, ctx, clock, {})
+
+
+def score_chunk(staging: Path, index: int, ctx: RoundContext, model: Any = None) -> Path:
+    """Score chunk `index` of the round's pool (`RoundPlan.scoring_chunks`) with the staged detector (or
+    `model`, that detector already loaded): detections and embeddings of its images, in pool order,
+    written as the chunk's file (see `staging.write_pool_chunk`); returns its path."""
+    plan = RoundPlan.load(staging)
+    bounds = files.chunk_bounds(len(plan.pool), plan.scoring_chunk)
+    if not 0 <= index < len(bounds):
+        raise ValueError(f"scoring chunk {index}: the round's pool has {len(bounds)} chunks")
+    start, stop = bounds[index]
+    pool = files.load_images(staging / files.IMAGES_FILE)["pool"]
+    if pool is None or len(pool) != len(plan.pool):
+        raise StoreError(f"expected the {len(plan.pool)} pool images of {staging} in {files.IMAGES_FILE}, "
+                         f"found {0 if pool is None else len(pool)}")
+    model = model if model is not None else ctx.steps.load_model(staging / files.DETECTOR_FILE)
+    detections, embeddings = ctx.steps.extract(model, pool.subset(list(range(start, stop))), ctx.config)
+    return files.write_pool_chunk(staging, index, detections, np.asarray(embeddings))
+
+
+def score_pool(staging: Path, ctx: RoundContext) -> RoundPlan:
+    """After the scoring chunks: merge them into the pool file in pool order (a missing chunk raises
+    StoreError), then let the strategy prepare what its record jobs share. Returns the plan, now with the
+    seconds of stage 1."""
+    plan = RoundPlan.load(staging)
+    clock = StageClock(ctx.progress)
+    # the scoring jobs ran between the two processes
+    between = {"scoring": clock.started - float(plan.metrics.get("scoring_from", clock.started))}
+    clock("scoring", 1.0)
+    labeled = files.load_pool(staging / files.LABELED_FILE)["embeddings"]
+    files.merge_pool_chunks(staging, files.chunk_bounds(len(plan.pool), plan.scoring_chunk), labeled)
+    before = merge_seconds(plan.metrics.get("stage_seconds", {}), between)
+    return _pool_ready(staging, plan, ctx, clock, before)
+
+
+def score_here(staging: Path, plan: RoundPlan, ctx: RoundContext) -> RoundPlan:
+    """What `prepare` left to scoring jobs (if anything), done in this process: every chunk, one after the
+    other, then `score_pool`. Returns the plan as stage 1 ends."""
+    if not plan.scoring_chunks:
+        return plan
+    model = ctx.steps.load_model(staging / files.DETECTOR_FILE)
+    for index in range(plan.scoring_chunks):
+        ctx.progress("scoring", index / plan.scoring_chunks)
+        score_chunk(staging, index, ctx, model)
+    return score_pool(staging, ctx)
+
+
+def _pool_ready(staging: Path, plan: RoundPlan, ctx: RoundContext, clock: StageClock,
+                before: Mapping[str, float]) -> RoundPlan:
+    """The end of stage 1, once the pool file is written: the strategy's one-off work for its record jobs;
+    the plan saved with the stage's seconds (`before`, those `clock` did not see, added)."""
+    if plan.lut_records:
+        clock("caching", 0.0)
+        ctx.steps.strategy(plan.strategy, ctx.config).prepare(staging)  # once here: record jobs only load it
+    seconds = merge_seconds(before, clock.seconds())
+    plan = replace(plan, metrics=dict(plan.metrics, stage_seconds=seconds, prepared_at=time.time()))
     plan.save(staging)
     return plan
 
@@ -303,7 +374,7 @@ def run_round(
     version = store.reserve_version(project)
     staging = store.begin(project, version)
     try:
-        plan = prepare(project, version, staging, client, store, ctx)
+        plan = score_here(staging, prepare(project, version, staging, client, store, ctx), ctx)
         for index in range(plan.lut_records):
             ctx.progress("lookup_table", index / plan.lut_records)
             lut_record(staging, index, ctx)

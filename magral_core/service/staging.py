@@ -9,17 +9,23 @@ backend and the benchmarks read and write round files only through this module.
     lut/record-NNNN.json look-up-table records, one file per record job
     proxy_cache.pt       the proxy's frozen features shared by the record jobs (deleted before publish)
     reward_cache.pt      another reward's one-off work shared by the record jobs (deleted before publish)
-    labeled.npz          detections and embeddings of the labeled training images (`save_pool` format), for
-                         the rewards that read them (deleted before publish)
+    labeled.npz          detections and embeddings of the labeled training images (`save_pool` format),
+                         written by `prepare`, for the pool file and the rewards that read them (deleted
+                         before publish)
+    scores/chunk-NNNN.npz  detections and embeddings of one scoring chunk of the pool (`save_pool` format),
+                         one file per scoring job, merged into pool.npz in pool order, then deleted
     magral_fit.pt        MAGRAL between its two stages of records (deleted before publish)
     policy.pt  lookup_table.json   MAGRAL's controller and records
     predictions.json     the predictions pushed to Label Studio, by task id
     ranking.json         the pool best first, with Label Studio scores and the strategy's priorities
     metrics.json         the round's validation metrics and bookkeeping (what `/status` shows)
+
+Kept as one module because it is the one owner of the round's file names and formats.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from magral_core.atomic import read_json, write_json
+from magral_core.atomic import atomic_open, read_json, write_json
 from magral_core.errors import StoreError
 from magral_core.structures import AnnotatedImage, DetectionDataset, Detections
 from magral_core.studio.label_config import LabelConfig
@@ -47,6 +53,7 @@ LABELED_FILE = "labeled.npz"  # labeled training images' detections and embeddin
 RANKING_FILE = "ranking.json"
 METRICS_FILE = "metrics.json"
 LUT_DIR = "lut"
+SCORES_DIR = "scores"  # the pool's scoring chunks, until merged into POOL_FILE
 # of no use once ranked (the caches are large)
 UNPUBLISHED = (PROXY_CACHE_FILE, MAGRAL_FIT_FILE, REWARD_CACHE_FILE, LABELED_FILE)
 
@@ -75,6 +82,11 @@ class RoundPlan:
     pool: tuple[TaskImage, ...]
     skipped: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    scoring_chunks: int = 0
+    """Scoring jobs the pool is split into (`chunk_bounds(len(pool), scoring_chunk)`); 0 = the pool was
+    scored in the prepare job."""
+    scoring_chunk: int = 0
+    """Pool images per scoring chunk (the last one may hold fewer)."""
 
     def save(self, staging: Path) -> None:
         write_json(staging / ROUND_FILE, asdict(self))
@@ -132,11 +144,12 @@ def load_lut_records(staging: Path) -> list[dict[str, Any]]:
 def save_pool(
     path: Path, detections: Sequence[Detections], embeddings: np.ndarray, labeled_embeddings: np.ndarray
 ) -> None:
-    """Detections of the pool (concatenated, with per-image offsets) and embeddings, in one .npz."""
+    """Detections of the pool (concatenated, with per-image offsets) and embeddings, in one .npz written
+    atomically (a reader in another job sees the whole file or none)."""
     counts = np.array([len(d) for d in detections], np.int64)
     probs = [d.class_probs for d in detections]
     has_probs = bool(detections) and all(p is not None for p in probs)
-    with open(path, "wb") as handle:
+    with atomic_open(path, "wb") as handle:
         np.savez(
             handle,
             counts=counts,
@@ -169,6 +182,63 @@ def load_pool(path: Path) -> dict[str, Any]:
             "embeddings": data["embeddings"],
             "labeled_embeddings": data["labeled_embeddings"],
         }
+
+
+# --- the pool's scoring chunks ---
+def chunk_bounds(pool_size: int, chunk: int) -> list[tuple[int, int]]:
+    """[start, stop) pool positions of each scoring chunk: consecutive, in pool order, `chunk` images each
+    but the last; none for an empty pool. Raises ValueError when `chunk` < 1."""
+    if chunk < 1:
+        raise ValueError(f"expected a scoring chunk of at least 1 image, found {chunk}")
+    return [(start, min(start + chunk, pool_size)) for start in range(0, pool_size, chunk)]
+
+
+def chunk_path(staging: Path, index: int) -> Path:
+    return staging / SCORES_DIR / f"chunk-{index:04d}.npz"
+
+
+def write_pool_chunk(
+    staging: Path, index: int, detections: Sequence[Detections], embeddings: np.ndarray
+) -> Path:
+    """Write scoring chunk `index` (its images' detections and embeddings, in pool order) atomically;
+    returns its path."""
+    path = chunk_path(staging, index)
+    embeddings = np.asarray(embeddings)
+    save_pool(path, detections, embeddings, np.zeros((0, embeddings.shape[1] if embeddings.ndim == 2 else 0)))
+    return path
+
+
+def merge_pool_chunks(staging: Path, bounds: Sequence[tuple[int, int]], labeled_embeddings: np.ndarray
+                      ) -> Path:
+    """Concatenate the scoring chunks of `bounds` in pool order into `POOL_FILE` (with the labeled
+    embeddings), then delete them; returns the pool file's path. Raises StoreError naming the first chunk
+    that is missing or holds another number of images than its bounds say (the pool file is not written
+    then)."""
+    detections: list[Detections] = []
+    embeddings: list[np.ndarray] = []
+    for index, (start, stop) in enumerate(bounds):
+        path = chunk_path(staging, index)
+        if not path.is_file():
+            raise StoreError(f"expected scoring chunk {index} (pool images {start}-{stop - 1}) at {path}, "
+                             "found nothing: its job failed or never ran")
+        try:
+            arrays = load_pool(path)
+        except (OSError, ValueError, KeyError) as exc:
+            raise StoreError(f"cannot read scoring chunk {index} at {path}: {exc}") from None
+        if len(arrays["detections"]) != stop - start or len(arrays["embeddings"]) != stop - start:
+            raise StoreError(f"expected {stop - start} images in scoring chunk {index} at {path}, found "
+                             f"{len(arrays['detections'])} detections and {len(arrays['embeddings'])} "
+                             "embeddings")
+        detections += arrays["detections"]
+        embeddings.append(np.asarray(arrays["embeddings"]))
+    pooled = np.concatenate(embeddings) if embeddings else np.zeros((0, 0), np.float32)
+    path = staging / POOL_FILE
+    save_pool(path, detections, pooled, labeled_embeddings)
+    for index in range(len(bounds)):
+        chunk_path(staging, index).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        (staging / SCORES_DIR).rmdir()
+    return path
 
 
 def save_images(path: Path, datasets: Mapping[str, DetectionDataset | None]) -> None:

@@ -1,4 +1,6 @@
-"""Training and inference of registered detectors on `DetectionDataset`s (CPU or one GPU).
+"""Training and inference of registered detectors on `DetectionDataset`s (CPU or one GPU: training runs on
+the `device` it is given, inference on the device the model's parameters are on; `torch_device` checks a
+configured name).
 
 Conventions: images enter as RGB uint8 arrays (H, W, 3) and are resized once so that their longest side is
 the detector's `image_size` (kept in memory across epochs as uint8); the detector's own transform then
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from magral_core.config import Config
+from magral_core.config import Config, ConfigError
 from magral_core.datasets.images import read_image_rgb
 from magral_core.structures import AnnotatedImage, DetectionDataset, Detections
 from magral_core.vision.augment import Augmentation
@@ -52,6 +54,21 @@ def setup_torch(threads: int) -> None:
         np.finfo(np.float32), np.finfo(np.float64)
     torch.set_flush_denormal(True)
     torch.set_num_threads(max(1, threads))
+
+
+def torch_device(name: str) -> torch.device:
+    """The torch device `name` (`Config.device`: "cpu", "cuda", "cuda:<index>"), checked against what this
+    process's torch can reach. Raises ConfigError naming MAGRAL_DEVICE when CUDA is asked for but absent."""
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ConfigError(
+                f"MAGRAL_DEVICE is {name!r} but torch sees {count} CUDA device(s) here "
+                f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}); use 'cpu' or a "
+                "device this machine has"
+            )
+    return device
 
 
 @dataclass(frozen=True)
@@ -198,7 +215,7 @@ def train_detector(
                          f"{batch_size}, {learning_rate}")
     spec = detector_spec(model)
     cache = cache or DecodedImageCache(dataset, spec.image_size)
-    dev = torch.device(device)
+    dev = torch_device(device)
     model.to(dev).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=learning_rate, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
