@@ -122,15 +122,16 @@ def markdown(results: dict[str, Any]) -> str:
                    key=lambda r: (r["labeled"], rank.get(r["variant"], 99), "warm_from" in r))
     classes = sorted({c for r in cells for c in r["test"]["per_class_ap"]})
     head = ("| labeled | variant | trained on | px | steps (kept) | val mAP | test mAP | test AP50 | "
-            + " | ".join(f"test AP {c}" for c in classes) + " | train s |")
-    lines = [head, "|" + "---|" * (9 + len(classes))]
+            + " | ".join(f"test AP {c}" for c in classes) + " | train s | train CPU s |")
+    lines = [head, "|" + "---|" * (10 + len(classes))]
     for r in cells:
         per = " | ".join(f"{r['test']['per_class_ap'].get(c, float('nan')):.3f}" for c in classes)
         kept = "" if r.get("best_step") is None else f" ({r['best_step']})"
         name = r["variant"] + (f", warm from {r['warm_from']}" if "warm_from" in r else "")
         lines.append(f"| {r['labeled']} | {name} | {r['train_images']} | {r['image_size']} | "
                      f"{r['steps']}{kept} | {r['val']['map']:.3f} | {r['test']['map']:.3f} | "
-                     f"{r['test']['ap50']:.3f} | {per} | {r['train_seconds']:.0f} |")
+                     f"{r['test']['ap50']:.3f} | {per} | {r['train_seconds']:.0f} | "
+                     f"{r['train_cpu_seconds']:.0f} |")
     return "\n".join(lines)
 
 
