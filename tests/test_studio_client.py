@@ -78,6 +78,8 @@ class FakeStudio:
     outages: dict[str, int] = field(default_factory=dict)  # "METHOD /path" → how many 503s to answer first
     import_drops: int = 0  # import requests that store their predictions but answer 502 (lost answers)
     predictions: list[dict[str, Any]] = field(default_factory=list)  # {"id", "task", "model_version"}
+    delete_seconds: float = 0.0  # how long deleting a model version takes
+    content_types: list[str] = field(default_factory=list)  # of every prediction import
 
     def authorized(self) -> bool:
         header = request.headers.get("Authorization", "")
@@ -149,6 +151,7 @@ def _app(studio: FakeStudio) -> Flask:
 
     @app.post("/api/projects/<int:pid>/import/predictions")
     def import_predictions(pid: int) -> Any:
+        studio.content_types.append(request.content_type or "")
         body = request.get_json() or []
         studio.imported.append(body)
         if studio.import_status != 201:
@@ -177,6 +180,7 @@ def _app(studio: FakeStudio) -> Flask:
         if not version:
             return jsonify({"detail": "model_version param is required"}), 400
         before = len(studio.predictions)
+        time.sleep(studio.delete_seconds)
         studio.predictions = [p for p in studio.predictions if p["model_version"] != version]
         return jsonify({"deleted_predictions": before - len(studio.predictions)})
 
@@ -670,6 +674,39 @@ def test_delete_predictions_keeps_versions(studio: FakeStudio, tmp_path: Path) -
     deletes = [r for r in studio.requests if r[0] == "DELETE"]
     assert len(deletes) == 2  # one version, once retried; nothing listed prediction by prediction
     assert client.delete_predictions(1, keep_versions=()) == 8 and studio.predictions == []
+
+
+def test_deleting_a_large_version_may_take_longer_than_the_api_timeout(
+    studio: FakeStudio, tmp_path: Path
+) -> None:
+    """Label Studio deletes a version's predictions one at a time (minutes for 10,000): the request is given
+    time for its count, not the API timeout, else a re-sent request collides with the running one."""
+    from magral_core.studio.client import DELETE_SECONDS_PER_PREDICTION
+
+    count = int(np.ceil(1.5 / DELETE_SECONDS_PER_PREDICTION))  # allowed at least 1.5 s
+    studio.predictions = [{"id": i, "task": i, "model_version": "old"} for i in range(count)]
+    studio.delete_seconds = 1.2
+    client = _client(studio, tmp_path, timeout=0.5, retry=RetryPolicy(attempts=1))
+    assert client.delete_predictions(1, keep_versions=()) == count
+    assert studio.predictions == []
+    with pytest.raises(LabelStudioError, match="no answer"):  # every other call keeps the API timeout
+        studio.predictions = [{"id": 1, "task": 1, "model_version": "old"}]  # 1 prediction: 0.5 s allowed
+        client.delete_predictions(1, keep_versions=())
+
+
+def test_prediction_chunks_are_plain_json(studio: FakeStudio, tmp_path: Path) -> None:
+    """Each chunk goes out as one JSON body (numpy numbers as JSON numbers), not through the SDK's encoder."""
+    client = _client(studio, tmp_path)
+    result = [{"type": "rectanglelabels", "value": {"x": np.float32(1.5), "rectanglelabels": ["RBC"]},
+               "score": np.float64(0.25), "original_width": np.int64(640)}]
+    assert client.import_predictions(1, [{"task": np.int64(3), "result": result, "score": np.float32(0.5),
+                                          "model_version": "v"}]) == 1
+    assert studio.content_types == ["application/json"]
+    assert studio.imported == [[{"task": 3, "score": 0.5, "model_version": "v", "result": [
+        {"type": "rectanglelabels", "value": {"x": 1.5, "rectanglelabels": ["RBC"]}, "score": 0.25,
+         "original_width": 640}]}]]
+    with pytest.raises(TypeError, match="JSON-serialisable values, found object"):
+        client.import_predictions(1, [{"task": 1, "result": [{"value": object()}], "model_version": "v"}])
 
 
 def test_image_over_the_pixel_limit_names_the_limit(studio: FakeStudio, tmp_path: Path) -> None:

@@ -12,8 +12,10 @@ is re-sent once for the tasks that did not get their prediction. A call that sti
 LabelStudioError naming the call (method and path), the attempts and the last status or reason.
 
 Memory at scale: tasks are read one page at a time and turned into records before the next page is asked
-for; predictions are sent in chunks; old predictions are deleted one model version per request, in Label
-Studio's database.
+for; predictions are sent in chunks, each serialised once with `json.dumps` (the SDK's typed call would
+copy every chunk through its recursive encoder first, ten times the CPU of the serialisation itself); old
+predictions are deleted one model version per request, in Label Studio's database, with a timeout that
+grows with the version's prediction count (`DELETE_SECONDS_PER_PREDICTION`).
 
 Kept as one module because every call shares the SDK session, pagination and the translation of API errors.
 """
@@ -32,7 +34,6 @@ import httpx
 import jwt
 from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
-from label_studio_sdk.types import PredictionRequest
 
 from magral_core.errors import MagralError, UserError
 from magral_core.studio.downloads import DownloadCache, ImageFetchError
@@ -47,6 +48,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 UNCERTAINTY_SAMPLING = "Uncertainty sampling"
+DELETE_SECONDS_PER_PREDICTION = 0.1
+"""Seconds allowed per prediction for deleting a model version (at least the API timeout): Label Studio
+1.23 deletes a version's predictions one at a time (a signal recounts and saves each one's task), about
+40 per second on a busy 2-core machine, so 10,000 take minutes; a request cut short by the API timeout
+would be sent again while the first still holds the database, and fail."""
 
 
 class LabelStudioError(MagralError):
@@ -290,18 +296,31 @@ class LabelStudioClient:
                 self._sleep(wait)
 
     def _request(
-        self, method: str, path: str, *, params: Mapping[str, Any] | None = None, body: Any = None
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        body: Any = None,
+        timeout: float | None = None,
     ) -> Any:
         """One API request through the SDK's HTTP client (auth and token refresh), for endpoints the SDK does
-        not wrap or whose typed answers would copy every task; the parsed JSON answer (None when empty)."""
+        not wrap or whose typed answers or encoder would copy every item; the parsed JSON answer (None when
+        empty). `body` is serialised once, here (`json_body`); `timeout` (s) replaces the client's for this
+        request."""
+        content = None if body is None else json_body(body)
+        options: dict[str, Any] = {"max_retries": 0}
+        if timeout is not None:
+            options["timeout_in_seconds"] = timeout
 
         def send(sdk: LabelStudio) -> Any:
             response = sdk._client_wrapper.httpx_client.request(
                 path.lstrip("/"),
                 method=method,
                 params=dict(params or {}),
-                json=body,
-                request_options={"max_retries": 0},
+                content=content,
+                headers=None if content is None else {"Content-Type": "application/json"},
+                request_options=options,  # type: ignore[arg-type]
             )
             if not 200 <= response.status_code < 300:
                 try:
@@ -380,7 +399,7 @@ class LabelStudioClient:
                     raise  # refused content (400: unknown task, ...): sending it again would not help
                 log.warning(
                     "project=%s predictions of tasks %d..%d failed (%s): sending them once more",
-                    project_id, chunk[0].task, chunk[-1].task, exc,
+                    project_id, chunk[0]["task"], chunk[-1]["task"], exc,
                 )
             missing = self._without_prediction(project_id, chunk)
             created_total += len(chunk) - len(missing)
@@ -390,29 +409,23 @@ class LabelStudioClient:
         return created_total
 
     def _send_chunk(
-        self, project_id: int, path: str, chunk: list[PredictionRequest], *, retried: bool = False
+        self, project_id: int, path: str, chunk: list[dict[str, Any]], *, retried: bool = False
     ) -> int:
-        answer = self._call(
-            "POST",
-            path,
-            lambda sdk: sdk.projects.import_predictions(
-                id=project_id, request=chunk, request_options={"max_retries": 0}
-            ),
-        )
-        created = int(answer.created or 0)
+        answer = self._request("POST", path, body=chunk)
+        created = int(answer.get("created") or 0) if isinstance(answer, Mapping) else 0
         if created != len(chunk):
             again = " (sent a second time)" if retried else ""
             raise ShortImport(
                 f"Label Studio POST {path}: expected {len(chunk)} created, found {created} (tasks "
-                f"{chunk[0].task}..{chunk[-1].task}){again}",
+                f"{chunk[0]['task']}..{chunk[-1]['task']}){again}",
                 status=201,
                 call=f"POST {path}",
             )
         return created
 
-    def _without_prediction(self, project_id: int, chunk: list[PredictionRequest]) -> list[PredictionRequest]:
+    def _without_prediction(self, project_id: int, chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The chunk's predictions whose task has no prediction of that model version in Label Studio yet."""
-        ids = sorted({int(p.task) for p in chunk})
+        ids = sorted({int(p["task"]) for p in chunk})
         query = json.dumps({"selectedItems": {"all": False, "included": ids}})
         answer = self._request(  # one page: the chunk's tasks only
             "GET",
@@ -424,7 +437,7 @@ class LabelStudioClient:
             for prediction in task.get("predictions") or ():
                 if isinstance(prediction, Mapping):
                     have.add((int(task["id"]), str(prediction.get("model_version") or "")))
-        return [p for p in chunk if (int(p.task), str(p.model_version or "")) not in have]
+        return [p for p in chunk if (int(p["task"]), str(p["model_version"] or "")) not in have]
 
     def model_versions(self, project_id: int) -> dict[str, int]:
         """{model version: number of predictions} of the project, most recently created first (Label Studio's
@@ -436,8 +449,9 @@ class LabelStudioClient:
 
     def delete_predictions(self, project_id: int, keep_versions: Collection[str]) -> int:
         """Delete every prediction of the project whose model version is not in `keep_versions`, one request
-        per version (Label Studio deletes them in its database; nothing is listed here); return how many were
-        deleted. Predictions without a version cannot be deleted this way and stay. Raises LabelStudioError.
+        per version (Label Studio deletes them in its database; nothing is listed here) allowed
+        `DELETE_SECONDS_PER_PREDICTION` per prediction; return how many were deleted. Predictions without a
+        version cannot be deleted this way and stay. Raises LabelStudioError.
         """
         keep = {str(v) for v in keep_versions}
         deleted = 0
@@ -445,7 +459,10 @@ class LabelStudioClient:
             if version in keep or not version or count == 0:
                 continue
             answer = self._request(
-                "DELETE", f"/api/projects/{project_id}/model-versions/", body={"model_version": version}
+                "DELETE",
+                f"/api/projects/{project_id}/model-versions/",
+                body={"model_version": version},
+                timeout=max(self.timeout, count * DELETE_SECONDS_PER_PREDICTION),
             )
             n = int(answer.get("deleted_predictions", 0)) if isinstance(answer, Mapping) else 0
             deleted += n
@@ -505,10 +522,23 @@ def _is_outage(exc: Exception) -> bool:
     return isinstance(exc, httpx.TransportError)
 
 
-def _prediction_request(p: Mapping[str, Any]) -> PredictionRequest:
-    return PredictionRequest(
-        task=int(p["task"]),
-        result=list(p.get("result") or ()),
-        score=None if p.get("score") is None else float(p["score"]),
-        model_version=None if p.get("model_version") is None else str(p["model_version"]),
-    )
+def _prediction_request(p: Mapping[str, Any]) -> dict[str, Any]:
+    """One prediction as `POST /api/projects/<id>/import/predictions` takes it."""
+    return {
+        "task": int(p["task"]),
+        "result": list(p.get("result") or ()),
+        "score": None if p.get("score") is None else float(p["score"]),
+        "model_version": None if p.get("model_version") is None else str(p["model_version"]),
+    }
+
+
+def json_body(body: Any) -> bytes:
+    """`body` as UTF-8 JSON; numpy values (anything with `tolist`) become numbers and lists. Raises
+    TypeError for anything else JSON cannot hold."""
+
+    def convert(value: Any) -> Any:
+        if hasattr(value, "tolist"):
+            return value.tolist()
+        raise TypeError(f"expected JSON-serialisable values, found {type(value).__name__}")
+
+    return json.dumps(body, default=convert, separators=(",", ":")).encode()
