@@ -99,3 +99,27 @@ def test_window_fits_only_the_last_rounds() -> None:
     result = forecast(list(n.astype(int)), list(curve(n)), horizon=40, flat_gain=0.005, window=4)
     assert result.params is not None and result.params["n_ref"] == 260
     assert result.expected_map == pytest.approx(float(curve(np.array(420.0))), abs=1e-3)
+
+
+def test_a_dip_at_the_start_is_not_read_as_a_plateau() -> None:
+    # the third round below the second: the exact power law through them is an abrupt plateau (exponent on
+    # its bound), which would say "flattened" after 3 rounds of a curve rising at 0.1 mAP per 100 labels
+    result = forecast([20, 60, 100], [0.143, 0.246, 0.219], horizon=40, flat_gain=0.005)
+    assert result.method == "linear" and result.verdict == PAYING_OFF
+    slope = float(np.polyfit([20, 60, 100], [0.143, 0.246, 0.219], 1)[0])
+    assert result.gain_per_100 == pytest.approx(100 * slope, abs=1e-5)
+    assert result.expected_map == pytest.approx(0.219 + 40 * slope, abs=1e-4)  # from the mAP now
+
+
+def test_the_forecast_starts_from_the_last_round() -> None:
+    # the same curve shifted at its last round only: the forecast moves with it, by the same amount
+    n = np.arange(20, 420, 40, dtype=np.float64)
+    maps = curve(n)
+    shifted = maps.copy()
+    shifted[-1] += 0.004
+    base = forecast(list(n.astype(int)), list(maps), horizon=40, flat_gain=0.005)
+    moved = forecast(list(n.astype(int)), list(shifted), horizon=40, flat_gain=0.005)
+    assert base.method == moved.method == "power_law"
+    assert base.expected_map is not None and moved.expected_map is not None
+    assert moved.expected_map - shifted[-1] == pytest.approx(base.expected_map - maps[-1], abs=2e-3)
+    assert moved.band is not None and moved.band[0] < moved.expected_map < moved.band[1]

@@ -11,6 +11,13 @@ conditioned. With three or more distinct label counts the curve is fitted by lea
 fit's covariance plus the residual noise). With two it falls back to the straight line through the last two
 rounds (no plateau); with fewer it says so. mAP is on the 0–1 scale throughout.
 
+The forecast starts from where the curve is now: the expected mAP is the last round's mAP plus the fitted
+curve's gain over the horizon (the fit's level at the last point is off by that round's noise, and a
+learning curve's seeds differ by an offset more than by their slope). A fit that ends on a bound of its
+parameters (plateau 0 or 1, exponent at either end of its range: a dip read as an abrupt plateau, a rise
+read as a plateau of 1) is not used: the forecast then follows the least-squares line through the last
+`recent` rounds, as it does with two label counts.
+
 The verdict reads the gain of the next 100 labels as the smaller of the fitted curve's and the observed
 one (the least-squares slope through the last `recent` rounds): a power law fitted to a whole curve that
 saturates more abruptly than a power law (a sigmoid-like start, then a flat tail) keeps a rising tail and
@@ -60,8 +67,9 @@ class PowerLaw:
 class Forecast:
     """What the rounds so far say about the next `horizon` labels.
 
-    `method`: "power_law", "linear" (two label counts) or "none" (fewer). `expected_map`: mAP expected at
-    `n_labeled + horizon`; `band`: its 68% interval (power law with more points than parameters only);
+    `method`: "power_law", "linear" (two label counts, or a fit that ended on a bound) or "none" (fewer).
+    `expected_map`: mAP expected at `n_labeled + horizon`; `band`: its 68% interval (power law with more
+    points than parameters only);
     `plateau`: the fitted `a`; `labels_to`: {"90%": labels, "95%": labels} to reach that share of the
     plateau; `gain_per_100`: the mAP the next 100 labels add at `n_labeled` (the smaller of
     `fitted_gain_per_100` and `recent_gain_per_100`, see the module docstring); `verdict`: PAYING_OFF or
@@ -143,16 +151,31 @@ def fit_power_law(
     return law, np.asarray(cov, np.float64), sigma
 
 
+def at_a_bound(law: PowerLaw) -> bool:
+    """Whether the fit ended on a bound of its parameters (plateau 0 or 1, exponent at either end): the
+    points did not determine it (a dip read as an abrupt plateau, a straight rise read as a plateau of 1),
+    so neither its gain nor its covariance can be trusted."""
+    def near(value: float, bound: float) -> bool:
+        return abs(value - bound) <= 1e-6 * max(1.0, abs(bound))
+
+    return near(law.a, 0.0) or near(law.a, 1.0) or near(law.c, _C_BOUNDS[0]) or near(law.c, _C_BOUNDS[1])
+
+
 def _band(
-    law: PowerLaw, cov: np.ndarray, sigma: float, at: float, rng: np.random.Generator, samples: int
+    law: PowerLaw, cov: np.ndarray, sigma: float, now: float, at: float, level: float,
+    rng: np.random.Generator, samples: int,
 ) -> tuple[float, float] | None:
+    """68% band of `level` (the mAP now) plus the curve's gain from `now` to `at` under parameters drawn
+    from the fit's covariance, plus the next round's own noise (the residual deviation)."""
     if not (np.isfinite(cov).all() and math.isfinite(sigma)):
         return None
     theta = rng.multivariate_normal([law.a, law.b, law.c], cov, size=samples, check_valid="ignore")
     a = np.clip(theta[:, 0], 0.0, 1.0)
     b = np.clip(theta[:, 1], 0.0, None)
     c = np.clip(theta[:, 2], *_C_BOUNDS)
-    draws = _curve(np.full(samples, at / law.n_ref), a, b, c) + rng.normal(0.0, sigma, samples)  # type: ignore[arg-type]
+    gains = (_curve(np.full(samples, at / law.n_ref), a, b, c)  # type: ignore[arg-type]
+             - _curve(np.full(samples, now / law.n_ref), a, b, c))  # type: ignore[arg-type]
+    draws = level + gains + rng.normal(0.0, sigma, samples)
     low, high = np.percentile(np.clip(draws, 0.0, 1.0), [16, 84])
     return round(float(low), 4), round(float(high), 4)
 
@@ -190,44 +213,44 @@ def forecast(
     assert now is not None
     n = np.array([p[0] for p in points], np.float64)
     y = np.array([p[1] for p in points], np.float64)
+    level = float(np.mean([m for n_, m in points if n_ == now]))  # the mAP now: the forecast's start
+    tail = points[-max(2, recent):]
+    xs, ys = [p[0] for p in tail], [p[1] for p in tail]
+    if len(set(xs)) < 2:  # the last rounds share one label count: the line through the last two counts
+        xs, ys = distinct[-2:], [float(np.mean([m for n_, m in points if n_ == d])) for d in distinct[-2:]]
+    slope = float(np.polyfit(xs, ys, 1)[0])  # observed mAP per label over the last rounds
     if len(distinct) >= 3:
         try:
             law, cov, sigma = fit_power_law(n, y)
         except (RuntimeError, ValueError):
             law = None
-        if law is not None:
+        if law is not None and not at_a_bound(law):
             fitted = float(law(now + 100) - law(now))
-            tail = points[-max(2, recent):]
-            xs, ys = [p[0] for p in tail], [p[1] for p in tail]
-            observed = 100 * float(np.polyfit(xs, ys, 1)[0]) if len(set(xs)) > 1 else fitted
-            gain = min(fitted, observed)
+            gain = min(fitted, 100 * slope)
             verdict, message = _verdict(gain, flat_gain)
             reach = {f"{round(100 * q)}%": law.labels_to_reach(q) for q in TARGETS}
             return replace(
                 base,
                 method="power_law",
-                expected_map=round(float(law(now + horizon)), 4),
-                band=_band(law, cov, sigma, now + horizon, np.random.default_rng(seed), samples),
+                expected_map=round(float(np.clip(level + law(now + horizon) - law(now), 0.0, 1.0)), 4),
+                band=_band(law, cov, sigma, now, now + horizon, level, np.random.default_rng(seed), samples),
                 plateau=round(law.a, 4),
                 labels_to={k: (math.ceil(v) if v is not None else None) for k, v in reach.items()},
                 gain_per_100=round(gain, 5),
                 fitted_gain_per_100=round(fitted, 5),
-                recent_gain_per_100=round(observed, 5),
+                recent_gain_per_100=round(100 * slope, 5),
                 verdict=verdict,
                 message=message,
                 params={"a": law.a, "b": law.b, "c": law.c, "n_ref": law.n_ref},
             )
-    # two label counts (or a fit that failed): the line through the last two distinct counts
-    last = {n_: m for n_, m in points}
-    (n1, m1), (n2, m2) = [(d, last[d]) for d in distinct[-2:]]
-    slope = (m2 - m1) / (n2 - n1)
+    # two label counts, a fit that failed or one the points did not determine: the observed slope
     verdict, message = _verdict(100 * slope, flat_gain)
     return replace(
         base,
         method="linear",
-        expected_map=round(float(np.clip(last[now] + slope * horizon, 0.0, 1.0)), 4),
+        expected_map=round(float(np.clip(level + slope * horizon, 0.0, 1.0)), 4),
         gain_per_100=round(100 * slope, 5),
         recent_gain_per_100=round(100 * slope, 5),
         verdict=verdict,
-        message=message + " (straight line through the last two rounds: no plateau yet)",
+        message=message + f" (straight line through the last {len(set(xs))} rounds: no plateau fitted)",
     )
