@@ -242,32 +242,25 @@ class RoundQueue:
 
     def enqueue_records(self, project: int, staging: str, indices: Sequence[int]) -> list[Job]:
         """Queue one look-up-table record job per index of the round building `staging`."""
-        jobs = []
-        for index in indices:
-            self._drop_stale(lut_job_id(project, index))
-            jobs.append(
-                self.queue.enqueue_call(
-                    f"{JOBS}.lut_record",
-                    args=(int(project), str(staging), int(index)),
-                    job_id=lut_job_id(project, index),
-                    timeout=self.round_timeout,
-                    result_ttl=RECORD_RESULT_TTL,
-                    at_front=True,
-                )
-            )
-        return jobs
+        return self._fan_out("lut_record", project, staging, indices, lut_job_id)
 
     def enqueue_chunks(self, project: int, staging: str, indices: Sequence[int]) -> list[Job]:
         """Queue one pool-scoring job (`jobs.score_chunk`) per chunk index of the round building
         `staging`."""
+        return self._fan_out("score_chunk", project, staging, indices, score_job_id)
+
+    def _fan_out(self, function: str, project: int, staging: str, indices: Sequence[int],
+                 job_id: Callable[[int, int], str]) -> list[Job]:
+        """One `jobs.<function>(project, staging, index)` job per index, at the front of the queue (a
+        started round finishes first); a finished job of an earlier round holding the same id goes first."""
         jobs = []
         for index in indices:
-            self._drop_stale(score_job_id(project, index))
+            self._drop_stale(job_id(project, index))
             jobs.append(
                 self.queue.enqueue_call(
-                    f"{JOBS}.score_chunk",
+                    f"{JOBS}.{function}",
                     args=(int(project), str(staging), int(index)),
-                    job_id=score_job_id(project, index),
+                    job_id=job_id(project, index),
                     timeout=self.round_timeout,
                     result_ttl=RECORD_RESULT_TTL,
                     at_front=True,
