@@ -69,6 +69,7 @@ def run_cell(data: Path, variant: str, labeled: str, start_from: Any = None) -> 
     `start_from`, a trained detector, warm-starts the model as a round does (`service.bindings.warm_start`)
     instead of training from the ImageNet trunk; the trained model is returned in the row's "model"."""
     import numpy as np
+    import torch
 
     from magral_core.config import Config
     from magral_core.datasets import load_dataset
@@ -99,6 +100,7 @@ def run_cell(data: Path, variant: str, labeled: str, start_from: Any = None) -> 
                            "steps": report.iterations,
                            "best_step": report.best_step, "val_part_scores": report.val_scores,
                            "train_seconds": report.seconds, "train_cpu_seconds": report.cpu_seconds,
+                           "torch_threads": torch.get_num_threads(),
                            "rule": {k: getattr(config, k) for k in RULE_FIELDS}}
     if warm_tensors is not None:
         row["warm_tensors"] = warm_tensors

@@ -23,6 +23,11 @@ shows.
 Heuristics: `make_strategy(name).rank` for each of `--heuristics` (default entropy_max, coreset, ppal, the
 fallback strategies) on the same pool.
 
+`--candidates`: where the config's candidate rule applies (`method.candidates`; MAGRAL_CANDIDATES_ABOVE,
+default 2,000), the pool is first cut to a round's candidates (a first round: nothing carried) and every
+phase after it, MAGRAL and the heuristics, works on them, as a round does; batch values stay on the whole
+pool's utility, so `value_best` (the pool's top-B utilities) shows what the subset gives up.
+
 Each size runs in a child process of its own, so its memory is that size's alone: per phase the wall
 seconds, the process's CPU seconds (on a shared machine wall time stretches with the load, CPU time much
 less) and the peak RSS (VmHWM, reset before the phase); `rss_peak_mib` is the child's highest, `rss_base_mib`
@@ -139,6 +144,7 @@ class Phases:
 def child(n: int, args: argparse.Namespace) -> dict[str, Any]:
     """Every measurement at pool size `n`, in this process."""
     from magral_core.config import Config
+    from magral_core.method.candidates import CandidateRule, candidate_positions
     from magral_core.method.strategies import Pool, fit_magral, make_strategy
     from magral_core.service.magral_round import magral_settings
     from magral_core.vision.engine import setup_torch
@@ -155,13 +161,22 @@ def child(n: int, args: argparse.Namespace) -> dict[str, Any]:
     emb, dets, lab = phases.run(
         "synthesis", lambda: synthetic_pool(n, args.dim, args.detections, args.labeled, args.seed))
     out["detections"] = int(sum(len(d) for d in dets))
+    chosen = np.arange(n)
+    rule = CandidateRule(config.candidates_above, config.candidate_factor, config.candidate_carry)
+    if args.candidates and rule.applies(n):
+        # the utility is the whole pool's (untimed: a round with candidates never builds these features)
+        utility = utilities(np.asarray(Pool(emb, dets, lab).features), args.dim, args.seed)
+        chosen = phases.run("candidates", lambda: candidate_positions(n, budget, rule, (), config.seed))
+        emb, dets = emb[chosen], tuple(dets[i] for i in chosen)
+    out["ranked"] = len(chosen)
     pool = phases.run("pool", lambda: Pool(emb, dets, lab))
     features = pool.features
     assert features is not None  # filled by Pool
-    utility = utilities(features, args.dim, args.seed)
+    if len(chosen) == n:
+        utility = utilities(features, args.dim, args.seed)
 
-    def value(indices: np.ndarray) -> float:
-        return 0.3 + 0.01 * float(utility[np.asarray(indices, dtype=np.int64)].mean())
+    def value(indices: np.ndarray) -> float:  # indices: positions in the ranked pool
+        return 0.3 + 0.01 * float(utility[chosen[np.asarray(indices, dtype=np.int64)]].mean())
 
     calls = [0]
 
@@ -180,9 +195,9 @@ def child(n: int, args: argparse.Namespace) -> dict[str, Any]:
     out["estimators"] = report.estimator
     rng = np.random.default_rng(args.seed + 3)
     out["value_magral"] = value(np.array([p.index for p in picks[:budget]]))
-    randoms = [value(rng.choice(n, budget, replace=False)) for _ in range(200)]
+    randoms = [0.3 + 0.01 * float(utility[rng.choice(n, budget, replace=False)].mean()) for _ in range(200)]
     out["value_random_mean"] = float(np.mean(randoms))
-    out["value_best"] = value(np.argsort(-utility)[:budget])
+    out["value_best"] = 0.3 + 0.01 * float(np.sort(utility)[-budget:].mean())  # over the whole pool
     out["heuristics"] = {}
     for name in args.heuristics:
         figures: dict[str, Any] = {}
@@ -205,6 +220,10 @@ def main() -> None:
     parser.add_argument("--heuristics", nargs="+", default=["entropy_max", "coreset", "ppal"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--candidates", action="store_true",
+                        help="rank a candidate subset where the config's rule applies "
+                             "(MAGRAL_CANDIDATES_ABOVE, MAGRAL_CANDIDATE_FACTOR; a first round, "
+                             "nothing carried)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)  # one size, in this process
     args = parser.parse_args()
     if args.child is not None:
@@ -212,7 +231,8 @@ def main() -> None:
         return
     results = []
     passed = ["--dim", str(args.dim), "--detections", str(args.detections), "--labeled", str(args.labeled),
-              "--seed", str(args.seed), "--heuristics", *args.heuristics]
+              "--seed", str(args.seed), "--heuristics", *args.heuristics,
+              *(["--candidates"] if args.candidates else [])]
     for n in args.sizes:
         load_before = os.getloadavg()[0]
         done = subprocess.run([sys.executable, "-m", "benchmarks.scale_features", *passed, "--child", str(n)],
@@ -222,7 +242,8 @@ def main() -> None:
         r = json.loads(done.stdout.strip().splitlines()[-1])
         r["load_before"], r["load_after"] = load_before, os.getloadavg()[0]
         results.append(r)
-        print(f"N={n:6d} B={r['budget']} D={r['dim']} records={r['records']} episodes={r['episodes']} "
+        print(f"N={n:6d} ranked {r['ranked']} B={r['budget']} D={r['dim']} records={r['records']} "
+              f"episodes={r['episodes']} "
               f"threads={r['threads']} load {r['load_before']:.2f}->{r['load_after']:.2f}\n"
               f"  pool features {r['pool_s']:.1f} s; magral fit {r['fit_s']:.1f} s (policy training "
               f"{r['policy_training_s']:.1f} s, estimators {'/'.join(r['estimators'])}) + rank "

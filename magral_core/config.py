@@ -152,6 +152,20 @@ class Config:
     budget: int = field(default=20, metadata={"env": "MAGRAL_BUDGET"})
     """Images chosen per active-learning round (B). Default 20."""
 
+    candidates_above: int = field(default=2000, metadata={"env": "MAGRAL_CANDIDATES_ABOVE"})
+    """Unlabeled tasks above which a round scores and ranks a candidate subset (`method.candidates`) instead
+    of the whole pool; 0 = always. 2,000: one worker scores 2,000 images in about 7 minutes with the default
+    detector on one CPU thread (`docs/results/scale_scoring.json`), the longest pool pass a round makes
+    before its cost stops growing with the pool. Default 2000."""
+
+    candidate_factor: int = field(default=25, metadata={"env": "MAGRAL_CANDIDATE_FACTOR"})
+    """k: a candidate subset holds a seeded random sample of k · `budget` unlabeled tasks (>= 1).
+    Default 25."""
+
+    candidate_carry: int = field(default=100, metadata={"env": "MAGRAL_CANDIDATE_CARRY"})
+    """At most this many of the previous round's best-ranked tasks, still unlabeled, join the candidate
+    subset (>= 0). Default 100."""
+
     lut_records: int = field(default=24, metadata={"env": "MAGRAL_LUT_RECORDS"})
     """Look-up-table records (proxy trainings) computed per round. Default 24."""
 
@@ -299,6 +313,9 @@ class Config:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, found {getattr(self, name)}")
+        for name, low in (("candidates_above", 0), ("candidate_factor", 1), ("candidate_carry", 0)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{_env_name(name)} must be >= {low}, found {getattr(self, name)}")
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0, found {self.threads}")
         if self.keep_prediction_versions < 0:

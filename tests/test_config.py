@@ -43,7 +43,9 @@ def test_bad_value_names_the_variable() -> None:
 
 @pytest.mark.parametrize(
     ("env", "message"),
-    [({"MAGRAL_BUDGET": "0"}, "budget must be > 0"), ({"MAGRAL_DEVICE": "tpu"}, "MAGRAL_DEVICE must be")],
+    [({"MAGRAL_BUDGET": "0"}, "budget must be > 0"), ({"MAGRAL_DEVICE": "tpu"}, "MAGRAL_DEVICE must be"),
+     ({"MAGRAL_CANDIDATE_FACTOR": "0"}, "MAGRAL_CANDIDATE_FACTOR must be >= 1, found 0"),
+     ({"MAGRAL_CANDIDATES_ABOVE": "-1"}, "MAGRAL_CANDIDATES_ABOVE must be >= 0, found -1")],
 )
 def test_out_of_range_is_refused(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

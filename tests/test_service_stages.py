@@ -324,3 +324,46 @@ def test_a_record_of_the_wrong_schema_fails_the_round_and_keeps_the_served_versi
 )
 def test_input_reason_names_why_a_task_has_no_boxes(message: str, reason: str) -> None:
     assert bad_input.input_reason(message) == reason
+
+
+def test_a_round_above_the_candidate_threshold_fetches_ranks_and_predicts_only_its_candidates(
+    tmp_path: Path,
+) -> None:
+    studio = studio_with(tmp_path, labeled=[1, 2, 3], unlabeled=range(10, 40))
+    fetched: list[int] = []
+    fetch = studio.fetch_image
+
+    def counting_fetch(image: str, *, task_id: int) -> Path:
+        fetched.append(task_id)
+        return fetch(image, task_id=task_id)
+
+    studio.fetch_image = counting_fetch  # type: ignore[method-assign]
+    store = ModelStore(tmp_path / "store")
+    config = toy_config(tmp_path, candidates_above=10, candidate_factor=3, candidate_carry=4)  # 6 random
+    first = stages.run_round(1, client=studio, store=store, config=config, steps=toy_steps())
+    metrics = store.load_metrics(1, first)
+    assert metrics["candidates"] == {"unlabeled": 30, "candidates": 6, "carried": 0}
+    candidates = set(store.load_ranking(1, first).task_ids)
+    assert len(candidates) == 6 and candidates <= set(range(10, 40))
+    assert (metrics["n_unlabeled"], metrics["n_ranked"]) == (30, 6)
+    assert sorted(fetched) == sorted([1, 2, 3, *candidates])  # no other task's image was fetched
+    assert {p["task"] for p in studio.imported} == candidates
+
+    # the next round carries the served ranking's best still-unlabeled tasks, then draws 6 new ones
+    best = store.load_ranking(1, first).task_ids
+    studio.tasks = [t if t.id != best[0] else replace(t, annotations=(FakeAnnotation(999, ()),))
+                    for t in studio.tasks]
+    second = stages.run_round(1, client=studio, store=store, config=config, steps=toy_steps())
+    carried = set(best[1:5])
+    ranked = set(store.load_ranking(1, second).task_ids)
+    assert carried <= ranked and best[0] not in ranked
+    assert store.load_metrics(1, second)["candidates"] == {"unlabeled": 29, "candidates": 10, "carried": 4}
+
+
+def test_a_pool_at_the_candidate_threshold_is_ranked_whole(tmp_path: Path) -> None:
+    studio = studio_with(tmp_path, labeled=[1, 2, 3], unlabeled=range(10, 20))
+    store = ModelStore(tmp_path / "store")
+    config = toy_config(tmp_path, candidates_above=10, candidate_factor=1, candidate_carry=0)
+    version = stages.run_round(1, client=studio, store=store, config=config, steps=toy_steps())
+    assert set(store.load_ranking(1, version).task_ids) == set(range(10, 20))
+    assert store.load_metrics(1, version)["candidates"] == {}

@@ -131,3 +131,28 @@ def test_a_killed_run_resumes_from_the_saved_rounds(tmp_path) -> None:
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+
+
+def test_a_candidate_rule_ranks_its_subset_and_carries_the_next_best_as_the_service_does() -> None:
+    from magral_core.method.candidates import CandidateRule
+
+    rule = CandidateRule(above=20, factor=2, carry=3)
+    settings = SimulationSettings(initial=10, budget=5, rounds=3, strategies=("entropy_max",), seeds=(0,),
+                                  candidates=rule)
+    seen: list[np.ndarray] = []
+    base = make_factory()
+
+    def factory(name: str, context: RoundContext):  # type: ignore[no-untyped-def]
+        seen.append(context.unlabeled.copy())
+        return base(name, context)
+
+    records = run_curve(ToyLearner(60), "entropy_max", 0, settings, factory=factory)
+    # 50, 45 and 40 unlabeled: 10 random + the 3 carried (none in round 0)
+    assert [r.ranked for r in records] == [10, 13, 13, 0]
+    for before, after, offered in zip(records, records[1:], seen[1:], strict=False):
+        assert len(before.carried) == 3 and set(before.carried) <= set(offered.tolist())
+        assert not set(before.carried) & set(before.selected)
+        assert set(after.selected) <= set(offered.tolist())
+    whole = run_curve(ToyLearner(60), "entropy_max", 0, SimulationSettings(
+        initial=10, budget=5, rounds=1, strategies=("entropy_max",), seeds=(0,), candidates=None))
+    assert whole[0].ranked == 50 and whole[0].carried == []

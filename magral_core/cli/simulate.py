@@ -5,7 +5,9 @@ selection never sees. Learners: "detector" (the configured detector, retrained f
 the configured schedule; MAGRAL's proxy is `magral_core.method.proxy` on a validation part carved from the
 labeled set) and "toy" (closed-form metrics, for dry runs of the protocol). Every finished round is saved
 under `--store` (default `<out>/rounds/`), so re-running the same command resumes, with any `--jobs`. `--jobs
-N` runs the curves in N processes of one torch thread each (`simulation.parallel`). Writes results.json,
+N` runs the curves in N processes of one torch thread each (`simulation.parallel`). A round ranks a candidate
+subset of the unlabeled pool when it is larger than MAGRAL_CANDIDATES_ABOVE, as the service does
+(`method.candidates`; MAGRAL_CANDIDATE_FACTOR, MAGRAL_CANDIDATE_CARRY). Writes results.json,
 results.csv, paired.csv, summary.md, curve.png and paired.png into `--out`.
 """
 
@@ -22,6 +24,7 @@ import numpy as np
 from magral_core.cli.progress import StoreProgress, add_progress_flags
 from magral_core.config import Config
 from magral_core.errors import UserError
+from magral_core.method.candidates import CandidateRule
 from magral_core.method.policy_training import TrainingSettings
 from magral_core.method.strategies import STRATEGIES, MagralSettings
 from magral_core.simulation import (
@@ -94,7 +97,9 @@ def parse_settings(args: argparse.Namespace, config: Config) -> SimulationSettin
     for flag, value, low in (("initial", args.initial, 1), ("budget", budget, 1), ("rounds", args.rounds, 0)):
         if value < low:
             raise UserError(f"--{flag} must be >= {low}, found {value}")
-    return SimulationSettings(args.initial, budget, args.rounds, tuple(strategies), seeds)
+    return SimulationSettings(args.initial, budget, args.rounds, tuple(strategies), seeds,
+                              CandidateRule(config.candidates_above, config.candidate_factor,
+                                            config.candidate_carry))
 
 
 def build_learner(args: argparse.Namespace, config: Config) -> Any:

@@ -2,7 +2,9 @@
 orchestration of components (`RoundSteps` for the model, `RoundStrategy` for the strategy, `service.tasks`
 for tasks → images, `service.staging` for the files).
 
-1. `prepare`: fetch every task and annotation through the client (a webhook is only a trigger), train the
+1. `prepare`: fetch every task and annotation through the client (a webhook is only a trigger; above
+   `MAGRAL_CANDIDATES_ABOVE` unlabeled tasks only a candidate subset of them, `service.tasks.candidate_tasks`,
+   is fetched, scored, ranked and given predictions; the others get theirs from `/predict`), train the
    detector warm-started from the served version on the labeled tasks less the validation ones, evaluate it
    on those, and write the plan. Then the detector runs once over the unlabeled pool (detections +
    embeddings): in `prepare` itself when the pool fits in one scoring chunk (`MAGRAL_SCORING_CHUNK`),
@@ -39,6 +41,7 @@ import numpy as np
 
 from magral_core.config import Config
 from magral_core.errors import StoreError
+from magral_core.method.candidates import CandidateRule
 from magral_core.method.features import detection_stats
 from magral_core.service import staging as files
 from magral_core.service.bad_input import FetchLog, bad_input_summary
@@ -46,8 +49,8 @@ from magral_core.service.predict import task_results
 from magral_core.service.stage_clock import StageClock, merge_seconds
 from magral_core.service.staging import RoundPlan
 from magral_core.service.steps import Progress, RoundSteps, StudioAdmin, StudioClient
-from magral_core.service.store import ModelStore
-from magral_core.service.tasks import round_images
+from magral_core.service.store import ModelStore, version_number
+from magral_core.service.tasks import candidate_tasks, round_images
 from magral_core.structures import Detections
 from magral_core.studio.label_config import merge_class_names, parse_label_config
 from magral_core.studio.results import scores_from_order, task_prediction
@@ -103,7 +106,13 @@ def prepare(
     previous = store.current_version(project)
     previous_names = tuple(store.load_metrics(project, previous).get("class_names", ())) if previous else ()
     class_names = merge_class_names(previous_names, label_config.labels)
-    tasks = list(client.list_tasks(project, image_key=label_config.image_key))
+    tasks, candidates = candidate_tasks(
+        list(client.list_tasks(project, image_key=label_config.image_key)),
+        _previous_order(store, project, previous),
+        config.budget,
+        CandidateRule(config.candidates_above, config.candidate_factor, config.candidate_carry),
+        seed=(config.seed, project, version_number(version)),
+    )
     fetches = FetchLog(client)
     images = round_images(project, tasks, label_config, class_names, fetches, progress)
     strategy_name = choose_strategy(len(images.labeled), len(images.pool), config)
@@ -131,7 +140,7 @@ def prepare(
     chunk = -(-config.scoring_chunk // config.batch_size) * config.batch_size
     chunks = files.chunk_bounds(len(pool_set), chunk)
     metrics.update(stage_seconds=clock.seconds(), started_at=clock.started, scoring_from=time.time(),
-                   bad_input=bad_input_summary(fetches.failures))
+                   bad_input=bad_input_summary(fetches.failures), candidates=candidates)
     plan = RoundPlan(
         project, version, class_names, asdict(label_config), strategy_name,
         steps.strategy(strategy_name, config).records(len(images.pool)),
@@ -151,6 +160,18 @@ def prepare(
     )
     files.save_pool(staging / files.POOL_FILE, detections, np.asarray(embeddings), labeled_embeddings)
     return _pool_ready(staging, plan, ctx, clock, {})
+
+
+def _previous_order(store: ModelStore, project: int, previous: str | None) -> tuple[int, ...]:
+    """The served version's ranking (task ids, best first), what a candidate subset carries; () without
+    one (or when it cannot be read: the subset is then all random)."""
+    if previous is None:
+        return ()
+    try:
+        return store.load_ranking(project, previous).task_ids
+    except (StoreError, KeyError, TypeError, ValueError) as exc:
+        log.warning("project=%s version=%s: no ranking to carry candidates from (%s)", project, previous, exc)
+        return ()
 
 
 def score_chunk(staging: Path, index: int, ctx: RoundContext, model: Any = None) -> Path:
@@ -275,7 +296,9 @@ def finish(staging: Path, store: ModelStore, ctx: RoundContext) -> str:
         class_names=list(plan.class_names),
         n_labeled=len(plan.labeled_tasks),
         n_validation=len(plan.validation_tasks),
-        n_unlabeled=n,
+        # the project's unlabeled tasks; n_ranked of them were ranked (fewer under a candidate subset)
+        n_unlabeled=int(plan.metrics.get("candidates", {}).get("unlabeled", n)),
+        n_ranked=n,
         lut_records=len(records),
         skipped=plan.skipped,
     )

@@ -19,6 +19,7 @@ import numpy as np
 
 from magral_core import boxes
 from magral_core.errors import UserError
+from magral_core.method.candidates import CandidateRule, candidate_positions
 from magral_core.service.staging import TaskImage
 from magral_core.service.steps import Progress, StudioClient
 from magral_core.structures import AnnotatedImage, DetectionDataset
@@ -124,6 +125,27 @@ class RoundImages:
     @property
     def pool_tasks(self) -> tuple[TaskImage, ...]:
         return tuple(TaskImage(i.image_id, i.width, i.height) for i in self.pool)
+
+
+def candidate_tasks(
+    tasks: Sequence[Any], previous_order: Sequence[int], budget: int, rule: CandidateRule,
+    seed: int | Sequence[int],
+) -> tuple[list[Any], dict[str, int]]:
+    """The tasks a round fetches: every annotated one and, when `rule` applies to the unannotated ones, only
+    their candidates (`method.candidates.candidate_positions` over the unannotated tasks in id order, the
+    previous version's ranking `previous_order` (task ids, best first) as what it carries). Returns the
+    tasks in their listed order and what was chosen: {"unlabeled", "candidates", "carried"}, empty when the
+    whole pool is ranked."""
+    unannotated = sorted(int(t.id) for t in tasks if latest_annotation(t) is None)
+    if not rule.applies(len(unannotated)):
+        return list(tasks), {}
+    position = {task_id: p for p, task_id in enumerate(unannotated)}
+    carried = [position[t] for t in previous_order if t in position]
+    chosen = candidate_positions(len(unannotated), budget, rule, carried, seed)
+    keep = {unannotated[p] for p in chosen.tolist()}
+    summary = {"unlabeled": len(unannotated), "candidates": len(keep),
+               "carried": len(keep & {unannotated[p] for p in carried[: rule.carry]})}
+    return [t for t in tasks if latest_annotation(t) is not None or int(t.id) in keep], summary
 
 
 def round_images(

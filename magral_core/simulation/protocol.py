@@ -11,6 +11,9 @@ The test split is kept out of selection by construction: strategies receive a `P
 the learner's `proxy`, which sees labeled and pool images) with no handle on `Learner.evaluate`.
 
 Every finished round is written as JSON atomically (`RoundStore`), so a killed run resumes where it stopped.
+
+Kept as one module because it is the one place that says what a round of a curve does in which order
+(candidates, train, evaluate, features, rank) and what a resumed run reads back of it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from magral_core.atomic import write_text_atomic
+from magral_core.method.candidates import CandidateRule, candidate_positions
 from magral_core.method.strategies import (
     MagralSettings,
     Pool,
@@ -112,13 +116,16 @@ default_factory = make_factory()
 
 @dataclass(frozen=True)
 class SimulationSettings:
-    """The protocol: initial random labeled images, images added per round, rounds after the initial one."""
+    """The protocol: initial random labeled images, images added per round, rounds after the initial one;
+    `candidates`, the service's candidate-subset rule (`method.candidates`; None: every round ranks the
+    whole unlabeled pool)."""
 
     initial: int = 20
     budget: int = 10
     rounds: int = 5
     strategies: tuple[str, ...] = ("random",)
     seeds: tuple[int, ...] = (0,)
+    candidates: CandidateRule | None = None
 
 
 @dataclass
@@ -139,6 +146,11 @@ class RoundRecord:
     selected: list[int]
     diagnostics: dict[str, Any] = field(default_factory=dict)
     """What the strategy's fit measured (MAGRAL: `strategies.policy_response`); empty for heuristics."""
+    ranked: int = 0
+    """Unlabeled images the round ranked: all of them, or its candidates when a candidate rule applied."""
+    carried: list[int] = field(default_factory=list)
+    """Under a candidate rule: the images ranked right after the batch (at most the rule's `carry`), which
+    the next round's candidates carry."""
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> RoundRecord:
@@ -191,12 +203,13 @@ def run_curve(
     (same initial set, same training seed), so `run_simulation` trains and evaluates it once per seed.
     """
     labeled = initial_labeled(learner.pool_size, settings.initial, seed)
-    records = []
+    records: list[RoundRecord] = []
     for r in range(settings.rounds + 1):
         done = store.load(strategy_name, seed, r) if store else None
         if done is None:
+            carried = records[-1].carried if records else []
             done = _round(learner, strategy_name, seed, r, labeled, settings, factory,
-                          shared if r == 0 else None)
+                          shared if r == 0 else None, carried)
             if store:
                 store.save(done)
             if log:
@@ -215,8 +228,16 @@ def _round(
     settings: SimulationSettings,
     factory: StrategyFactory,
     shared: dict[int, _Trained] | None,
+    carried: list[int],
 ) -> RoundRecord:
     unlabeled = np.setdiff1d(np.arange(learner.pool_size), labeled)
+    rule = settings.candidates
+    subset = rule is not None and rule.applies(len(unlabeled))
+    if rule is not None and subset:  # as the service does: `service.tasks.candidate_tasks`
+        position = {int(u): k for k, u in enumerate(unlabeled)}
+        chosen = candidate_positions(len(unlabeled), settings.budget, rule,
+                                     [position[c] for c in carried if c in position], seed=(seed, r))
+        unlabeled = unlabeled[chosen]
     want_pool = r < settings.rounds and len(unlabeled) > 0
     trained = shared.get(seed) if shared is not None else None
     if trained is None:
@@ -225,6 +246,7 @@ def _round(
             shared[seed] = trained
     state, metrics, pool, times = trained.state, trained.metrics, trained.pool, dict(trained.times)
     selected: list[int] = []
+    next_carried: list[int] = []
     diagnostics: dict[str, Any] = {}
     if pool is not None:
         if len(pool) != len(unlabeled):
@@ -239,12 +261,15 @@ def _round(
         picks = strategy.rank(pool, batch, np.random.default_rng([seed, r]))
         times["select"] = time.perf_counter() - t
         selected = [int(unlabeled[p.index]) for p in picks[:batch]]
+        if rule is not None and subset:
+            next_carried = [int(unlabeled[p.index]) for p in picks[batch:batch + rule.carry]]
         diagnostics = dict(getattr(strategy, "diagnostics", {}))
     return RoundRecord(
         strategy=strategy_name, seed=seed, round=r, n_labeled=len(labeled), map=metrics.map,
         ap50=metrics.ap50, per_class_ap=dict(metrics.per_class_ap),
         seconds=sum(times.values()), times=times,
         labeled=[int(i) for i in labeled], selected=selected, diagnostics=diagnostics,
+        ranked=len(unlabeled) if pool is not None else 0, carried=next_carried,
     )
 
 
