@@ -52,7 +52,7 @@ import numpy as np
 import requests
 
 from benchmarks.scale import synthetic_image
-from benchmarks.scale_studio import api, free_port, label_studio
+from benchmarks.scale_studio import api, free_port, label_studio, stop_group
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "0123456789abcdef0123456789abcdef01234567"  # scripts/labelstudio.sh's default legacy token
@@ -302,7 +302,7 @@ def main() -> None:
                                               stderr=subprocess.STDOUT, env=env, cwd=REPO,
                                               start_new_session=True))
         for p in processes:
-            stack.callback(functools.partial(_stop, p))
+            stack.callback(functools.partial(stop_group, p, 30))
         backend = f"http://127.0.0.1:{port}"
         wait_healthy(f"{backend}/health", processes[0], root / "serve.log")
         ml = int(api(studio, TOKEN, "POST", "/api/ml", json={"url": backend, "project": project,
@@ -351,19 +351,6 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1) + "\n")
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    import signal
-
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
 
 
 if __name__ == "__main__":

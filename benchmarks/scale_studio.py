@@ -129,14 +129,19 @@ def label_studio(port: int) -> Iterator[tuple[str, int]]:
                 time.sleep(0.5)
             yield url, process.pid
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=20)
+            stop_group(process, timeout=20)
+
+
+def stop_group(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM the process group `process` leads, SIGKILL it after `timeout` s; wait for the leader."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=timeout)
 
 
 def api(url: str, token: str, method: str, path: str, **kwargs: Any) -> Any:
