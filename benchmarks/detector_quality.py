@@ -9,8 +9,9 @@ validation part out of the labeled subset (`method.proxy.split_validation`, as t
 on the rest; fixed schedules train on the whole subset. Every finished (variant, labeled) cell is written to
 `--out` at once (atomic JSON), and cells already there are not run again, so an interrupted run resumes.
 `--markdown` prints the table of `--out` without training. `--warm-chain` trains the `--labeled` sizes in
-order as successive rounds do (the first from the ImageNet trunk, each next warm-started from the one before,
-`service.bindings.warm_start`) and writes cells `<variant>@<n> warm`, to set against the cold `<variant>@<n>`.
+order as successive rounds do (the first from the ImageNet trunk, each next warm-started from the one
+before, `vision.warm_start.warm_start`) and writes cells `<variant>@<n> warm`, to set against the cold
+`<variant>@<n>`.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def labeled_subset(train_size: int, labeled: str) -> list[int]:
 
 def run_cell(data: Path, variant: str, labeled: str, start_from: Any = None) -> dict[str, Any]:
     """Train one variant on one labeled subset; its val and test figures and training seconds.
-    `start_from`, a trained detector, warm-starts the model as a round does (`service.bindings.warm_start`)
+    `start_from`, a trained detector, warm-starts the model as a round does (`vision.warm_start.warm_start`)
     instead of training from the ImageNet trunk; the trained model is returned in the row's "model"."""
     import numpy as np
     import torch
@@ -90,7 +91,7 @@ def run_cell(data: Path, variant: str, labeled: str, start_from: Any = None) -> 
                            weights_dir=config.weights_dir, seed=config.seed)
     warm_tensors = None
     if start_from is not None:
-        from magral_core.service.bindings import warm_start
+        from magral_core.vision.warm_start import warm_start
 
         warm_tensors = warm_start(model, start_from)
     report = fit_detector(model, fit_set, config,

@@ -98,6 +98,10 @@ class Config:
     epochs: int = field(default=10, metadata={"env": "MAGRAL_EPOCHS"})
     """Training epochs of the task detector per round. Default 10."""
 
+    warm_epochs: int = field(default=0, metadata={"env": "MAGRAL_WARM_EPOCHS"})
+    """Training epochs of a round whose detector is warm-started from the previous version, under the
+    "epochs" schedule; 0 = `epochs`. Default 0."""
+
     batch_size: int = field(default=4, metadata={"env": "MAGRAL_BATCH_SIZE"})
     """Images per training step. Default 4."""
 
@@ -313,7 +317,8 @@ class Config:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, found {getattr(self, name)}")
-        for name, low in (("candidates_above", 0), ("candidate_factor", 1), ("candidate_carry", 0)):
+        for name, low in (("warm_epochs", 0), ("candidates_above", 0), ("candidate_factor", 1),
+                          ("candidate_carry", 0)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{_env_name(name)} must be >= {low}, found {getattr(self, name)}")
         if self.threads < 0:

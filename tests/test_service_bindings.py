@@ -1,4 +1,4 @@
-"""The real bindings of a round's steps: the detector at toy size (one torch thread) and warm starts."""
+"""The real bindings of a round's steps: the detector at toy size (one torch thread)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from service_fixtures import studio_with, toy_config
 
 from magral_core.service import bindings, stages
 from magral_core.service import staging as files
 from magral_core.service.store import ModelStore
+from magral_core.vision.warm_start import warm_start
 
 pytest_plugins = ["service_fixtures"]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -28,34 +28,7 @@ def test_round_with_the_real_detector_at_toy_size(tmp_path: Path) -> None:
     assert sorted(p["task"] for p in studio.imported) == [4, 5]
     assert sorted(p["score"] for p in studio.imported) == [0.0, 1.0]
     model = bindings.load_model_step(store.version_dir(1, version) / files.DETECTOR_FILE)
-    assert bindings.warm_start(model, model) == len(model.state_dict())
-
-
-def test_warm_start_keeps_everything_but_the_class_dependent_head(tmp_path: Path) -> None:
-
-    from magral_core.vision.detectors import build_detector
-
-    def detector(classes: int, seed: int) -> Any:
-        return build_detector(
-            "frcnn_mobilenet_v2",
-            num_classes=classes,
-            image_size=64,
-            weights_dir=tmp_path,
-            pretrained=False,
-            seed=seed,
-        )
-
-    previous, grown = detector(2, seed=1), detector(3, seed=2)
-    fresh = {k: v.clone() for k, v in grown.state_dict().items()}
-    copied = bindings.warm_start(grown, previous)
-    after, before = grown.state_dict(), previous.state_dict()
-    changed_shape = [k for k in after if before[k].shape != after[k].shape]
-    assert changed_shape and copied == len(after) - len(changed_shape)
-    for key in changed_shape:  # the new head keeps its fresh initialisation
-        assert torch.equal(after[key], fresh[key])
-    same = next(k for k in after if k not in changed_shape and after[k].is_floating_point())
-    assert torch.equal(after[same], before[same])
-
+    assert warm_start(model, model) == len(model.state_dict())
 
 
 def test_a_budget_round_stops_by_its_held_out_validation_tasks(tmp_path: Path, monkeypatch: Any) -> None:

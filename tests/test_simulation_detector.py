@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from magral_core.config import Config
 from magral_core.datasets import load_dataset
@@ -29,3 +30,28 @@ def test_two_rounds_on_bccd(bccd_root, tmp_path) -> None:
     assert len(features) == 4 and features.labeled_embeddings.shape[0] == 4
     proxy = learner.proxy(state, labeled, unlabeled)
     assert proxy is not None and 0.0 <= proxy(np.array([0, 1]), 0) <= 1.0
+
+
+@pytest.mark.slow
+def test_a_warm_round_starts_from_the_previous_model_with_warm_epochs(
+    bccd_root, tmp_path, monkeypatch
+) -> None:
+    from magral_core.vision import engine
+
+    data = load_dataset(bccd_root)
+    pool, test = data.split("train").subset(range(8)), data.split("test").subset(range(2))
+    learner = DetectorLearner(pool, test, Config(home=tmp_path, image_size=64, epochs=1, warm_epochs=2,
+                                                 batch_size=2))
+    previous = learner.train(np.arange(4), seed=0)
+    seen: dict[str, object] = {}
+
+    def fit(model, dataset, config, **kwargs):  # record what the warm training starts from and runs
+        seen["epochs"] = config.epochs
+        seen["same"] = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                                previous.state_dict().values(), strict=True))
+
+    monkeypatch.setattr(engine, "fit_detector", fit)
+    learner.train(np.arange(6), seed=1, previous=previous)
+    assert seen == {"epochs": 2, "same": True}
+    learner.train(np.arange(6), seed=1)  # cold: the configured epochs, a fresh seeded model
+    assert seen == {"epochs": 1, "same": False}

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import fields
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -50,7 +52,7 @@ def test_round_zero_is_trained_once_per_seed() -> None:
     trained: list[int] = []
 
     class Counting(ToyLearner):
-        def train(self, labeled: np.ndarray, *, seed: int) -> ToyState:
+        def train(self, labeled: np.ndarray, *, seed: int, previous: Any = None) -> ToyState:
             trained.append(seed)
             return super().train(labeled, seed=seed)
 
@@ -120,7 +122,7 @@ def test_a_killed_run_resumes_from_the_saved_rounds(tmp_path) -> None:
     trained: list[int] = []
 
     class Counting(ToyLearner):
-        def train(self, labeled: np.ndarray, *, seed: int) -> ToyState:
+        def train(self, labeled: np.ndarray, *, seed: int, previous: Any = None) -> ToyState:
             trained.append(len(labeled))
             return super().train(labeled, seed=seed)
 
@@ -131,6 +133,60 @@ def test_a_killed_run_resumes_from_the_saved_rounds(tmp_path) -> None:
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+
+
+class Chained(ToyLearner):
+    """A toy learner whose state remembers the chain of labeled-set sizes it was trained from."""
+
+    def __init__(self) -> None:
+        super().__init__(60)
+        self.starts: list[tuple[int, tuple[int, ...] | None]] = []
+
+    def train(self, labeled: np.ndarray, *, seed: int, previous: Any = None) -> ToyState:
+        self.starts.append((len(labeled), None if previous is None else previous.chain))
+        state = super().train(labeled, seed=seed)
+        chain = (*(previous.chain if previous is not None else ()), len(labeled))
+        return ChainState(state.evidence, state.seed, chain)
+
+
+@dataclass(frozen=True)
+class ChainState(ToyState):
+    chain: tuple[int, ...] = ()
+
+
+def test_a_warm_curve_trains_each_round_from_its_own_previous_round(tmp_path: Path) -> None:
+    settings = SimulationSettings(initial=10, budget=5, rounds=3, strategies=("random", "entropy_max"),
+                                  warm=True)
+    learner = Chained()
+    run_simulation(learner, settings, store=RoundStore(tmp_path))
+    # round 0 once (shared), then each strategy's rounds 1..3, each from its own round before
+    assert learner.starts == [(10, None)] + [(15, (10,)), (20, (10, 15)), (25, (10, 15, 20))] * 2
+    assert not list(tmp_path.rglob("*.state.pkl"))  # a finished curve keeps no model state
+    cold = Chained()
+    run_simulation(cold, SimulationSettings(initial=10, budget=5, rounds=3, strategies=("random",)))
+    assert [previous for _, previous in cold.starts] == [None] * 4
+
+
+def test_a_killed_warm_curve_resumes_from_the_stored_state_of_its_last_round(tmp_path: Path) -> None:
+    settings = SimulationSettings(initial=10, budget=5, rounds=4, strategies=("random",), warm=True)
+    store = RoundStore(tmp_path)
+    first = run_simulation(Chained(), settings, store=store)
+    # as if killed after round 2: rounds 3 and 4 gone, round 2's state still there (saved before its record)
+    for r in (3, 4):
+        store.path("random", 0, r).unlink()
+    store.save_state("random", 0, 2, ChainState(np.zeros(3), 2, (10, 15, 20)))
+    again_learner = Chained()
+    again = run_simulation(again_learner, settings, store=store)
+    assert again_learner.starts == [(25, (10, 15, 20)), (30, (10, 15, 20, 25))]
+    assert [r.selected for r in again] == [r.selected for r in first]
+    assert not list(tmp_path.rglob("*.state.pkl"))
+    with pytest.raises(ValueError, match="trained warm; this run trains from scratch: use another store"):
+        run_simulation(Chained(), SimulationSettings(initial=10, budget=5, rounds=4, strategies=("random",)),
+                       store=store)
+    store.path("random", 0, 4).unlink()
+    with pytest.raises(ValueError, match=r"round003\.state\.pkl is missing"):
+        run_simulation(Chained(), settings, store=store)
+    assert all(r.warm == (r.round > 0) for r in again)
 
 
 def test_a_candidate_rule_ranks_its_subset_and_carries_the_next_best_as_the_service_does() -> None:

@@ -1,8 +1,9 @@
 """`magral simulate`: active-learning curves of several strategies and seeds on a fully labeled dataset.
 
 The pool is one split (images that may be labeled), results are measured on another (`--test-split`) that
-selection never sees. Learners: "detector" (the configured detector, retrained from scratch each round with
-the configured schedule; MAGRAL's proxy is `magral_core.method.proxy` on a validation part carved from the
+selection never sees. Learners: "detector" (the configured detector, retrained from the ImageNet trunk each
+round with the configured schedule, or with `--warm-start` from the curve's previous model as the service's
+rounds are; MAGRAL's proxy is `magral_core.method.proxy` on a validation part carved from the
 labeled set) and "toy" (closed-form metrics, for dry runs of the protocol). Every finished round is saved
 under `--store` (default `<out>/rounds/`), so re-running the same command resumes, with any `--jobs`. `--jobs
 N` runs the curves in N processes of one torch thread each (`simulation.parallel`). A round ranks a candidate
@@ -65,6 +66,10 @@ def register(sub: Any) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="rounds after the initial one (default 5)")
     parser.add_argument("--full-pool", action="store_true",
                         help="also train on the whole pool: the upper bound and the 95%% target")
+    parser.add_argument("--warm-start", action="store_true",
+                        help="train each round from the previous round's model of its curve, as the "
+                             "service's rounds do (MAGRAL_WARM_EPOCHS sets its epochs); default: from the "
+                             "ImageNet trunk")
     parser.add_argument("--jobs", type=int, default=1,
                         help="processes running independent curves, one torch thread each (default 1: this "
                              "process, with the configured threads)")
@@ -99,7 +104,7 @@ def parse_settings(args: argparse.Namespace, config: Config) -> SimulationSettin
             raise UserError(f"--{flag} must be >= {low}, found {value}")
     return SimulationSettings(args.initial, budget, args.rounds, tuple(strategies), seeds,
                               CandidateRule(config.candidates_above, config.candidate_factor,
-                                            config.candidate_carry))
+                                            config.candidate_carry), warm=args.warm_start)
 
 
 def build_learner(args: argparse.Namespace, config: Config) -> Any:

@@ -38,12 +38,14 @@ def train_detector_step(
     dataset: DetectionDataset, previous_dir: Path | None, config: Config, progress: Progress,
     val: DetectionDataset | None = None,
 ) -> Any:
-    """Build the configured detector, warm-start it from the previous version, train it on `dataset` by the
-    configured schedule (`engine.fit_detector`) on `config.device`, where it stays (checkpoints are written
-    from CPU copies); `val`, the round's held-out validation tasks, is what a "budget" schedule stops by
+    """Build the configured detector, warm-start it from the previous version (`vision.warm_start`, which
+    also says how long a warm-started training runs), train it on `dataset` by the configured schedule
+    (`engine.fit_detector`) on `config.device`, where it stays (checkpoints are written from CPU copies);
+    `val`, the round's held-out validation tasks, is what a "budget" schedule stops by
     (never part of `dataset`)."""
     from magral_core.vision.detectors import build_detector
     from magral_core.vision.engine import chosen_image_size, fit_detector
+    from magral_core.vision.warm_start import warm_start, warm_training
 
     model = build_detector(
         config.detector,
@@ -55,6 +57,7 @@ def train_detector_step(
     )
     if previous_dir is not None and (previous_dir / files.DETECTOR_FILE).is_file():
         warm_start(model, load_model_step(previous_dir / files.DETECTOR_FILE))
+        config = warm_training(config)
     progress("training", 0.0)
     if config.schedule == "epochs":
         fit_detector(model, dataset, config,
@@ -62,22 +65,6 @@ def train_detector_step(
     else:
         fit_detector(model, dataset, config, val=val)
     return model
-
-
-def warm_start(model: Any, previous: Any) -> int:
-    """Copy every parameter of `previous` whose name and shape match into `model`; returns how many.
-
-    Class-dependent head layers change shape when labels were added, so they keep their fresh
-    initialisation while everything else continues from the previous round.
-    """
-    import torch
-
-    target = model.state_dict()
-    source = {k: v for k, v in previous.state_dict().items() if k in target and v.shape == target[k].shape}
-    with torch.no_grad():
-        model.load_state_dict(source, strict=False)
-    log.info("warm start: %d of %d tensors taken from the previous version", len(source), len(target))
-    return len(source)
 
 
 def extract_step(

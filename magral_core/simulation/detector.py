@@ -1,11 +1,12 @@
 """`DetectorLearner`: the protocol's `Learner` backed by the configured detector on a fully labeled dataset.
 
-`train` builds a fresh detector (seeded) and trains it with the configured schedule on the labeled pool
-images less the proxy's validation part (`proxy.split_validation`, as the service holds its validation tasks
-out of training); `pool` runs one `extract` pass over the unlabeled and the labeled pool images; `proxy` is
-the configured reward (`magral_core.method.rewards`, `Config.reward`; the paper's proxy by default) on that
-validation part, with the candidate batch unlabeled. Only `evaluate` reads the test split. Heavy modules
-are imported on first use.
+`train` builds a fresh detector (seeded), warm-started from the curve's previous model when given
+(`vision.warm_start`, as a service round starts from the served version), and trains it with the configured
+schedule on the labeled pool images less the proxy's validation part (`proxy.split_validation`, as the service
+holds its validation tasks out of training); `pool` runs one `extract` pass over the unlabeled and the labeled
+pool images; `proxy` is the configured reward (`magral_core.method.rewards`, `Config.reward`; the paper's
+proxy by default) on that validation part, with the candidate batch unlabeled. Only `evaluate` reads the test
+split. Heavy modules are imported on first use.
 """
 
 from __future__ import annotations
@@ -39,18 +40,22 @@ class DetectorLearner:
 
         return split_validation(labeled, self.config.seed)
 
-    def train(self, labeled: np.ndarray, *, seed: int) -> Any:
+    def train(self, labeled: np.ndarray, *, seed: int, previous: Any = None) -> Any:
         from magral_core.vision.detectors import build_detector
         from magral_core.vision.engine import chosen_image_size, fit_detector
+        from magral_core.vision.warm_start import warm_start, warm_training
 
         train, val = self.split(labeled)
         train_set = self.pool_data.subset(train.tolist())
         model = build_detector(self.config.detector, num_classes=self.pool_data.num_classes,
                                image_size=chosen_image_size(train_set, self.config),
                                weights_dir=self.config.weights_dir, seed=seed)
+        config = self.config.replace(seed=seed)
+        if previous is not None:  # as a service round starts from the served version
+            warm_start(model, previous)
+            config = warm_training(config)
         # the proxy's validation part also stops a "budget" schedule: one carve of the labeled set
-        fit_detector(model, train_set, self.config.replace(seed=seed),
-                     val=self.pool_data.subset(val.tolist()))
+        fit_detector(model, train_set, config, val=self.pool_data.subset(val.tolist()))
         return model
 
     def evaluate(self, state: Any) -> Metrics:

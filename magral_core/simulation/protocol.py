@@ -19,6 +19,7 @@ Kept as one module because it is the one place that says what a round of a curve
 from __future__ import annotations
 
 import json
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from magral_core.atomic import write_text_atomic
+from magral_core.atomic import atomic_open, write_text_atomic
 from magral_core.method.candidates import CandidateRule, candidate_positions
 from magral_core.method.strategies import (
     MagralSettings,
@@ -59,8 +60,9 @@ class Learner(Protocol):
     @property
     def pool_size(self) -> int: ...
 
-    def train(self, labeled: np.ndarray, *, seed: int) -> Any:
-        """Train on the labeled pool images; returns an opaque model state."""
+    def train(self, labeled: np.ndarray, *, seed: int, previous: Any = None) -> Any:
+        """Train on the labeled pool images, starting from `previous` (the last round's state of the same
+        curve) when given; returns an opaque model state, which must pickle."""
         ...
 
     def evaluate(self, state: Any) -> Metrics:
@@ -118,7 +120,8 @@ default_factory = make_factory()
 class SimulationSettings:
     """The protocol: initial random labeled images, images added per round, rounds after the initial one;
     `candidates`, the service's candidate-subset rule (`method.candidates`; None: every round ranks the
-    whole unlabeled pool)."""
+    whole unlabeled pool); `warm`: every round after the first trains from the previous round's model of
+    its curve, as the service's rounds do (False: from scratch each round, the paper's protocol)."""
 
     initial: int = 20
     budget: int = 10
@@ -126,6 +129,7 @@ class SimulationSettings:
     strategies: tuple[str, ...] = ("random",)
     seeds: tuple[int, ...] = (0,)
     candidates: CandidateRule | None = None
+    warm: bool = False
 
 
 @dataclass
@@ -151,6 +155,8 @@ class RoundRecord:
     carried: list[int] = field(default_factory=list)
     """Under a candidate rule: the images ranked right after the batch (at most the rule's `carry`), which
     the next round's candidates carry."""
+    warm: bool = False
+    """Whether the round's model was trained from the previous round's (`SimulationSettings.warm`)."""
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> RoundRecord:
@@ -158,7 +164,9 @@ class RoundRecord:
 
 
 class RoundStore:
-    """`<root>/<strategy>/seed<seed>/round<r>.json`, each written atomically."""
+    """`<root>/<strategy>/seed<seed>/round<r>.json`, each written atomically; for warm curves also
+    `round<r>.state.pkl`, the pickled model state of round r, kept until round r + 1 is stored (a resumed
+    warm curve starts from it)."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -172,6 +180,25 @@ class RoundStore:
 
     def save(self, record: RoundRecord) -> None:
         write_atomic(self.path(record.strategy, record.seed, record.round), json.dumps(asdict(record)))
+
+    def state_path(self, strategy: str, seed: int, round_: int) -> Path:
+        return self.path(strategy, seed, round_).with_suffix(".state.pkl")
+
+    def save_state(self, strategy: str, seed: int, round_: int, state: Any) -> None:
+        with atomic_open(self.state_path(strategy, seed, round_), "wb") as out:
+            pickle.dump(state, out, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def load_state(self, strategy: str, seed: int, round_: int) -> Any:
+        """Round `round_`'s pickled model state; raises ValueError when the store has none."""
+        path = self.state_path(strategy, seed, round_)
+        if not path.is_file():
+            raise ValueError(f"{path} is missing: a warm curve resumes from its last stored round's model; "
+                             f"delete {self.path(strategy, seed, round_)} to retrain that round")
+        with path.open("rb") as f:
+            return pickle.load(f)
+
+    def drop_state(self, strategy: str, seed: int, round_: int) -> None:
+        self.state_path(strategy, seed, round_).unlink(missing_ok=True)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -201,19 +228,36 @@ def run_curve(
 
     `shared` maps a seed to its round-0 model, metrics and pool: round 0 is the same for every strategy
     (same initial set, same training seed), so `run_simulation` trains and evaluates it once per seed.
+    A warm curve (`settings.warm`) trains round r from round r - 1's state: kept in memory, or read back
+    from `store` when the curve resumes.
     """
     labeled = initial_labeled(learner.pool_size, settings.initial, seed)
     records: list[RoundRecord] = []
+    state: Any = None
     for r in range(settings.rounds + 1):
         done = store.load(strategy_name, seed, r) if store else None
+        if done is not None and r > 0 and done.warm != settings.warm:
+            raise ValueError(f"round {r} of {strategy_name} seed {seed} in the store was trained "
+                             f"{'warm' if done.warm else 'from scratch'}; this run trains "
+                             f"{'warm' if settings.warm else 'from scratch'}: use another store")
         if done is None:
             carried = records[-1].carried if records else []
-            done = _round(learner, strategy_name, seed, r, labeled, settings, factory,
-                          shared if r == 0 else None, carried)
+            if settings.warm and r > 0 and state is None:
+                if store is None:
+                    raise ValueError("a warm curve needs the previous round's state")
+                state = store.load_state(strategy_name, seed, r - 1)
+            done, state = _round(learner, strategy_name, seed, r, labeled, settings, factory,
+                                 shared if r == 0 else None, carried, state if settings.warm else None)
             if store:
+                if settings.warm and r < settings.rounds:  # before the record: a stored round has its state
+                    store.save_state(strategy_name, seed, r, state)
                 store.save(done)
+                if r > 0:
+                    store.drop_state(strategy_name, seed, r - 1)
             if log:
                 log(done)
+        else:
+            state = None
         records.append(done)
         labeled = np.union1d(np.asarray(done.labeled, dtype=np.int64), np.asarray(done.selected, np.int64))
     return records
@@ -229,7 +273,8 @@ def _round(
     factory: StrategyFactory,
     shared: dict[int, _Trained] | None,
     carried: list[int],
-) -> RoundRecord:
+    previous: Any,
+) -> tuple[RoundRecord, Any]:
     unlabeled = np.setdiff1d(np.arange(learner.pool_size), labeled)
     rule = settings.candidates
     subset = rule is not None and rule.applies(len(unlabeled))
@@ -241,7 +286,7 @@ def _round(
     want_pool = r < settings.rounds and len(unlabeled) > 0
     trained = shared.get(seed) if shared is not None else None
     if trained is None:
-        trained = _train(learner, labeled, unlabeled, seed * 1000 + r, want_pool)
+        trained = _train(learner, labeled, unlabeled, seed * 1000 + r, want_pool, previous)
         if shared is not None:
             shared[seed] = trained
     state, metrics, pool, times = trained.state, trained.metrics, trained.pool, dict(trained.times)
@@ -270,7 +315,8 @@ def _round(
         seconds=sum(times.values()), times=times,
         labeled=[int(i) for i in labeled], selected=selected, diagnostics=diagnostics,
         ranked=len(unlabeled) if pool is not None else 0, carried=next_carried,
-    )
+        warm=settings.warm and previous is not None,
+    ), state
 
 
 @dataclass(frozen=True)
@@ -283,11 +329,11 @@ class _Trained:
     times: dict[str, float]
 
 
-def _train(learner: Learner, labeled: np.ndarray, unlabeled: np.ndarray, seed: int, want_pool: bool
-           ) -> _Trained:
+def _train(learner: Learner, labeled: np.ndarray, unlabeled: np.ndarray, seed: int, want_pool: bool,
+           previous: Any = None) -> _Trained:
     times: dict[str, float] = {}
     t = time.perf_counter()
-    state = learner.train(labeled, seed=seed)
+    state = learner.train(labeled, seed=seed, previous=previous)
     times["train"] = time.perf_counter() - t
     t = time.perf_counter()
     metrics = learner.evaluate(state)

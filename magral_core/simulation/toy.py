@@ -44,7 +44,9 @@ class ToyLearner:
     def pool_size(self) -> int:
         return len(self.counts)
 
-    def train(self, labeled: np.ndarray, *, seed: int) -> ToyState:
+    def train(self, labeled: np.ndarray, *, seed: int, previous: ToyState | None = None) -> ToyState:
+        """The evidence of `labeled`; `previous` changes nothing (the toy's model is a function of its
+        labeled set)."""
         return ToyState(self.counts[np.asarray(labeled, dtype=np.int64)].sum(0), seed)
 
     def _ap(self, evidence: np.ndarray, seed: int, noise: float) -> np.ndarray:
