@@ -19,78 +19,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from benchmarks.paired_runs import REPO, paired, paired_markdown, run_side_by_side, simulate_command
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "bccd"
 DEFAULT_OUT = REPO / "docs" / "results" / "candidates_bccd"
 VARIANTS = ("full", "subset")
-AFTER_TRAINING = ("features", "fit_strategy", "select")
-CLI = "import sys; from magral_core.cli import main; sys.exit(main())"
 
 
-def simulate_command(args: argparse.Namespace, variant: str) -> tuple[list[str], dict[str, str]]:
+def variant_command(args: argparse.Namespace, variant: str) -> tuple[list[str], dict[str, str]]:
     """The `magral simulate` command line and environment of one variant."""
-    env = dict(os.environ, MAGRAL_THREADS="1", OMP_NUM_THREADS="1")
-    if variant == "subset":
-        env.update(MAGRAL_CANDIDATES_ABOVE="0", MAGRAL_CANDIDATE_FACTOR=str(args.factor),
-                   MAGRAL_CANDIDATE_CARRY=str(args.carry))
-    else:
-        env["MAGRAL_CANDIDATES_ABOVE"] = str(10**9)
-    command = [sys.executable, "-c", CLI, "simulate", "--data", str(args.data),
-               "--strategies", args.strategy, "--seeds", args.seeds, "--budget", str(args.budget),
-               "--rounds", str(args.rounds), "--store", str(args.store / variant),
-               "--out", str(args.out / variant), "--no-progress"]
-    return command, env
+    env = ({"MAGRAL_CANDIDATES_ABOVE": "0", "MAGRAL_CANDIDATE_FACTOR": str(args.factor),
+            "MAGRAL_CANDIDATE_CARRY": str(args.carry)} if variant == "subset"
+           else {"MAGRAL_CANDIDATES_ABOVE": str(10**9)})
+    return simulate_command(data=args.data, strategy=args.strategy, seeds=args.seeds, budget=args.budget,
+                            rounds=args.rounds, store=args.store / variant, out=args.out / variant, env=env)
 
 
 def run(args: argparse.Namespace) -> int:
-    processes = []
-    for variant in VARIANTS:
-        command, env = simulate_command(args, variant)
-        print(f"{variant}: {' '.join(command)}", flush=True)
-        processes.append(subprocess.Popen(command, env=env, cwd=REPO))
-    codes = [p.wait() for p in processes]
-    if any(codes):
-        print(f"simulate exited with {codes}", file=sys.stderr)
+    if run_side_by_side({v: variant_command(args, v) for v in VARIANTS}):
         return 1
     return report(args)
-
-
-def analyse(full: list[Any], subset: list[Any], strategy: str) -> dict[str, Any]:
-    """The paired figures of `subset` against `full` (RoundRecords of one strategy)."""
-    from magral_core.simulation.statistics import paired_areas, paired_differences, paired_gain_over_rounds
-
-    name = f"{strategy}+candidates"
-    records = [*full, *(replace(r, strategy=name) for r in subset)]
-    per_round = paired_differences(records, baseline=strategy)[name]
-    out: dict[str, Any] = {
-        "difference": "subset - full, test mAP (0-1)",
-        "per_round": {str(r): {"n_labeled": labeled, **asdict(interval)}
-                      for r, (labeled, interval) in per_round.items()},
-        "gain_over_rounds": asdict(paired_gain_over_rounds(records, baseline=strategy)[name]),
-        "area": asdict(paired_areas(records, baseline=strategy)[name]),
-    }
-    for variant, recs in (("full", full), ("subset", subset)):
-        ranking = [r for r in recs if r.selected]
-        out[variant] = {
-            "curves": len({r.seed for r in recs}),
-            "seconds_after_training_per_round": float(np.mean(
-                [sum(r.times.get(k, 0.0) for k in AFTER_TRAINING) for r in ranking])),
-            "train_seconds_per_round": float(np.mean([r.times.get("train", 0.0) for r in recs])),
-            "ranked_per_round": {str(rnd): float(np.mean([r.ranked for r in ranking if r.round == rnd]))
-                                 for rnd in sorted({r.round for r in ranking})},
-            "map_per_round": {str(rnd): float(np.mean([r.map for r in recs if r.round == rnd]))
-                              for rnd in sorted({r.round for r in recs})},
-        }
-    return out
 
 
 def report(args: argparse.Namespace) -> int:
@@ -101,7 +53,7 @@ def report(args: argparse.Namespace) -> int:
     strategies = {r.strategy for recs in loaded.values() for r in recs}
     if len(strategies) != 1:
         raise SystemExit(f"expected one strategy in both runs, found {sorted(strategies)}")
-    result = analyse(loaded["full"], loaded["subset"], strategies.pop())
+    result = paired(loaded["full"], loaded["subset"], strategies.pop(), VARIANTS)
     result["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
                           if k in ("strategy", "seeds", "budget", "rounds", "factor", "carry")}
     with atomic_open(args.out / "candidates.json", "w") as handle:
@@ -112,15 +64,7 @@ def report(args: argparse.Namespace) -> int:
 
 def markdown(result: dict[str, Any]) -> str:
     """The paired differences per round and the time figures as Markdown."""
-    lines = ["| round | labeled | subset − full mAP ×100 | 95% interval | seeds |", "|---|---|---|---|---|"]
-    for r, c in result["per_round"].items():
-        lines.append(f"| {r} | {c['n_labeled']:.0f} | {100 * c['mean']:+.2f} | "
-                     f"[{100 * c['low']:+.2f}, {100 * c['high']:+.2f}] | {c['n']} |")
-    g, a = result["gain_over_rounds"], result["area"]
-    lines += ["", f"Mean over rounds 1..: {100 * g['mean']:+.2f} "
-              f"[{100 * g['low']:+.2f}, {100 * g['high']:+.2f}]"
-              f" (n = {g['n']}); area under the curve: {100 * a['mean']:+.2f} "
-              f"[{100 * a['low']:+.2f}, {100 * a['high']:+.2f}].", ""]
+    lines = paired_markdown(result, VARIANTS)
     for variant in VARIANTS:
         v = result[variant]
         ranked = ", ".join(f"{n:.0f}" for n in v["ranked_per_round"].values())

@@ -1,0 +1,111 @@
+"""What a curve costs and reaches when its rounds warm-start, against the paper's protocol of training every
+round from the ImageNet trunk: paired curves of one strategy on BCCD (the same seeds, so the same initial
+sets and round-0 model).
+
+    python -m benchmarks.curve_cost run [--data DIR] [--strategy random] [--seeds 0] [--budget 20]
+        [--rounds 5] [--warm-epochs 3] [--store DIR] [--out DIR]
+    python -m benchmarks.curve_cost report [--out DIR] [--markdown]
+
+`run` starts two `magral simulate` processes side by side, one torch thread each: `cold` trains every round
+from the ImageNet trunk for `MAGRAL_EPOCHS` epochs, `warm` (`--warm-start`) trains each round after the first
+from its curve's previous model for `MAGRAL_WARM_EPOCHS` = `--warm-epochs` epochs, as the service's rounds
+can. Rounds are stored under `--store` (resumed), reports written to `<out>/cold` and `<out>/warm`. `report`
+writes `<out>/curve_cost.json`: per round warm − cold test mAP (mean and 95% interval over the seeds), the
+mean over rounds 1.., the paired area, and per seed each variant's curve wall time (every round's training,
+evaluation, features and ranking; round 0 is the same model in both) and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks.paired_runs import REPO, paired, paired_markdown, run_side_by_side, simulate_command
+
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "bccd"
+DEFAULT_OUT = REPO / "docs" / "results" / "curve_cost_bccd"
+VARIANTS = ("cold", "warm")
+
+
+def variant_command(args: argparse.Namespace, variant: str) -> tuple[list[str], dict[str, str]]:
+    """The `magral simulate` command line and environment of one variant."""
+    warm = variant == "warm"
+    return simulate_command(data=args.data, strategy=args.strategy, seeds=args.seeds, budget=args.budget,
+                            rounds=args.rounds, store=args.store / variant, out=args.out / variant,
+                            flags=("--warm-start",) if warm else (),
+                            env={"MAGRAL_WARM_EPOCHS": str(args.warm_epochs)} if warm else {})
+
+
+def run(args: argparse.Namespace) -> int:
+    if run_side_by_side({v: variant_command(args, v) for v in VARIANTS}):
+        return 1
+    return report(args)
+
+
+def analyse(cold: list[Any], warm: list[Any], strategy: str) -> dict[str, Any]:
+    """`paired` figures plus each seed's warm / cold curve-time ratio."""
+    result = paired(cold, warm, strategy, VARIANTS)
+    result["time_ratio"] = {seed: result["warm"]["curve_seconds"][seed] / seconds
+                            for seed, seconds in result["cold"]["curve_seconds"].items()}
+    return result
+
+
+def report(args: argparse.Namespace) -> int:
+    from magral_core.atomic import atomic_open
+    from magral_core.simulation.reports import load_results
+
+    loaded = {v: load_results(args.out / v / "results.json")[0] for v in VARIANTS}
+    strategies = {r.strategy for recs in loaded.values() for r in recs}
+    if len(strategies) != 1:
+        raise SystemExit(f"expected one strategy in both runs, found {sorted(strategies)}")
+    result = analyse(loaded["cold"], loaded["warm"], strategies.pop())
+    result["settings"] = {k: v for k, v in vars(args).items()
+                          if k in ("strategy", "seeds", "budget", "rounds", "warm_epochs")}
+    with atomic_open(args.out / "curve_cost.json", "w") as handle:
+        json.dump(result, handle, indent=1)
+    print(markdown(result))
+    return 0
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The paired differences per round and the curve times as Markdown."""
+    lines = paired_markdown(result, VARIANTS)
+    lines += ["| seed | cold curve s | warm curve s | warm / cold |", "|---|---|---|---|"]
+    for seed, ratio in result["time_ratio"].items():
+        lines.append(f"| {seed} | {result['cold']['curve_seconds'][seed]:.0f} | "
+                     f"{result['warm']['curve_seconds'][seed]:.0f} | {ratio:.2f} |")
+    for variant in VARIANTS:
+        v = result[variant]
+        maps = ", ".join(f"{100 * m:.1f}" for m in v["map_per_round"].values())
+        lines.append(f"\n- {variant}: train {v['train_seconds_per_round']:.1f} s per round; mean test "
+                     f"mAP ×100 per round: {maps}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "report"):
+        p = sub.add_parser(name)
+        p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
+        p.add_argument("--markdown", action="store_true", help="print the table of <out>/curve_cost.json")
+        p.add_argument("--strategy", default="random")
+        p.add_argument("--seeds", default="0")
+        p.add_argument("--budget", type=int, default=20)
+        p.add_argument("--rounds", type=int, default=5)
+        p.add_argument("--warm-epochs", type=int, default=3, help="MAGRAL_WARM_EPOCHS of the warm curves")
+        p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+        p.add_argument("--store", type=Path, default=REPO / "runs" / "curve_cost",
+                       help="where the rounds are stored (resumed)")
+    args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads((args.out / "curve_cost.json").read_text())))
+        return 0
+    return run(args) if args.command == "run" else report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
