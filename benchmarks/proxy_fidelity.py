@@ -17,7 +17,9 @@ and lowest predicted object counts (top and next ranks), so the batches differ i
   uncertainty (class entropy summed over its detections); the true object count is printed as an oracle;
 - real ΔmAP(S) = mAP(detector trained on L_train ∪ S with labels) − mAP(detector trained on L_train), both
   trained from scratch with the round's schedule, per training seed (`--seeds`), on BCCD's `val` split
-  (never `test`).
+  (never `test`). With `--warm-epochs K` both trainings instead start from the round's detector
+  (`vision.warm_start`, as the next service round would) and run K epochs under the same seed, so the
+  difference is what labeling S adds to the round's own model (cached apart, under `warm<K>/`).
 
 Prints Spearman ρ(value, real Δ) with a bootstrap 95% interval (batches resampled) per estimator and
 reference. Resumable: the estimator values and every real training (L size, batch, seed) are cached as
@@ -124,6 +126,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from magral_core.vision.detectors import build_detector
     from magral_core.vision.engine import DecodedImageCache, extract, predict, train_detector
     from magral_core.vision.evaluation import evaluate_coco
+    from magral_core.vision.warm_start import warm_start
 
     setup = bench_setup(args)
     config, timer, budget, r = setup.config, setup.timer, setup.budget, setup.round
@@ -138,10 +141,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     val_cache = DecodedImageCache(val, config.image_size)
     tag = f"L{len(r.labeled)}{'_quick' if args.quick else ''}"
     results = args.results / tag
+    real_results = results / f"warm{args.warm_epochs}" if args.warm_epochs else results
+    real_kind = (f"warm-started from the round's detector, {args.warm_epochs} epochs" if args.warm_epochs
+                 else f"from the ImageNet trunk, {config.epochs} epochs")
     print(f"pool={len(r.pool)} labeled={len(r.labeled)} (detector {len(r.train_part)}, proxy val "
           f"{len(r.val_part)}) val={len(val)} image_size={config.image_size} epochs={config.epochs} "
-          f"budget={budget} seeds={seeds} estimator seeds={proxy_seeds} threads={torch.get_num_threads()}",
-          flush=True)
+          f"budget={budget} seeds={seeds} estimator seeds={proxy_seeds} threads={torch.get_num_threads()} "
+          f"real trainings {real_kind}", flush=True)
 
     train_set = r.pool.subset(r.train_part.tolist())
     with timer("features"):
@@ -191,21 +197,23 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         return 0.0 if np.isnan(value) else float(value)
 
     def real(positions: np.ndarray, key: str, seed: int) -> float | None:
-        path = results / f"real_{key}_seed{seed}.json"
+        path = real_results / f"real_{key}_seed{seed}.json"
         cached = _read(path)
         if cached is not None:
             return float(cached["map"])
         if args.estimators_only:
             return None
         start = time.perf_counter()
-        if seed == args.seed and key == "base":
+        if seed == args.seed and key == "base" and not args.warm_epochs:
             model = r.model  # the round's detector is exactly this training
         else:
             model = build_detector(config.detector, num_classes=r.pool.num_classes,
                                    image_size=config.image_size, weights_dir=config.weights_dir, seed=seed)
-            train_detector(model, r.pool.subset(positions.tolist()), epochs=config.epochs,
-                           batch_size=config.batch_size, learning_rate=config.learning_rate, seed=seed,
-                           device=config.device)
+            if args.warm_epochs:
+                warm_start(model, r.model)
+            train_detector(model, r.pool.subset(positions.tolist()),
+                           epochs=args.warm_epochs or config.epochs, batch_size=config.batch_size,
+                           learning_rate=config.learning_rate, seed=seed, device=config.device)
         value = val_map(model)
         _write(path, {"map": value, "seed": seed, "images": len(positions), "seconds":
                       time.perf_counter() - start})
@@ -230,6 +238,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "complete": complete, "quick": args.quick, "pool": len(r.pool), "labeled": len(r.labeled),
             "detector_train": len(r.train_part), "proxy_val": len(r.val_part), "val": len(val),
             "image_size": config.image_size, "epochs": config.epochs, "budget": budget, "seeds": list(seeds),
+            "real_trainings": real_kind,
             "estimator_seeds": list(proxy_seeds), "batches_done": len(done), "trainings_done": len(real_map),
             "rho": rows,
             "real_noise": {"within_seed_std": float(np.mean(within)) if within else float("nan"),
@@ -291,7 +300,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"L = {result['labeled']} (detector {result['detector_train']}, proxy validation "
         f"{result['proxy_val']}), B = {result['budget']}, {result['image_size']} px: real ΔmAP of "
         f"{result['batches_done']} batches from {result['trainings_done']} trainings ({status}; seeds "
-        f"{', '.join(map(str, result['seeds']))}), measured on BCCD `val` ({result['val']} images).",
+        f"{', '.join(map(str, result['seeds']))}; trained "
+        f"{result.get('real_trainings', 'from the ImageNet trunk, ' + str(result['epochs']) + ' epochs')}), "
+        f"measured on BCCD `val` ({result['val']} images).",
         "",
         "| estimator / reference | Spearman ρ | bootstrap 95% | s per record | one-off s |",
         "|---|---|---|---|---|",
@@ -332,6 +343,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="random subset of the pool (default: all of train, quick 60)")
     parser.add_argument("--val-limit", type=int, default=None,
                         help="first images of the val split (default: all, quick 30)")
+    parser.add_argument("--warm-epochs", type=int, default=0,
+                        help="real trainings warm-start from the round's detector and run this many epochs "
+                             "(default 0: from the ImageNet trunk with the configured epochs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--json", type=Path, help="write the table here (after every real training)")
