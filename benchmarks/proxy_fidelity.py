@@ -44,6 +44,7 @@ import numpy as np
 
 from benchmarks.lookup_table import DEFAULT_DATA, REPO, bench_setup
 from magral_core.cli.progress import track
+from magral_core.simulation.statistics import gain_reliability
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -242,7 +243,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "estimator_seeds": list(proxy_seeds), "batches_done": len(done), "trainings_done": len(real_map),
             "rho": rows,
             "real_noise": {"within_seed_std": float(np.mean(within)) if within else float("nan"),
-                           "between_batch_std": float(np.std(delta)) if len(delta) else float("nan")},
+                           "between_batch_std": float(np.std(delta)) if len(delta) else float("nan"),
+                           **gain_reliability(list(pairs.values()))},
             "batches": [{"kind": batches[k][0], "indices": r.unlabeled[batches[k][1]].tolist(),
                          "true_objects": int(objects[k]), "predicted_count": float(count[k]),
                          "summed_uncertainty": float(uncertainty[k]),
@@ -290,7 +292,9 @@ def print_result(result: dict[str, Any]) -> None:
               f"{row['record_s']:9.2f}  {row['setup_s']:9.1f}")
     n = result["real_noise"]
     print(f"real ΔmAP: std over training seeds {n['within_seed_std']:.4f}, between batches "
-          f"{n['between_batch_std']:.4f}")
+          f"{n['between_batch_std']:.4f}; one training's std {n.get('training_std', float('nan')):.4f}, "
+          f"reliability {n.get('reliability', float('nan')):.2f} "
+          f"(ρ ceiling {n.get('ceiling', float('nan')):.2f})")
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -318,6 +322,11 @@ def markdown(result: dict[str, Any]) -> str:
 
     lines += ["", f"Real ΔmAP: std over training seeds {points(n['within_seed_std'])}, between batches "
               f"{points(n['between_batch_std'])}."]
+    if "reliability" in n and not np.isnan(n["reliability"]):
+        lines += ["", f"One training's noise: {points(n['training_std'])} (std of a batch's gain between "
+                  f"seeds); reliability of the batches' mean gains {n['reliability']:.2f}, so no estimator's "
+                  f"ρ with them can exceed about {n['ceiling']:.2f}; reliability 0.8 would take "
+                  f"{n['seeds_for_0.8']:.0f} training seeds per batch at these spreads."]
     return "\n".join(lines) + "\n"
 
 

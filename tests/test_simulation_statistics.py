@@ -102,3 +102,21 @@ def test_a_curve_cut_short_is_compared_on_its_common_part() -> None:
     # seed 0 integrates rounds 0..1 only: (0 + 0.02) / 2 = 0.01; seeds 1, 2 as before
     assert paired_areas(recs)["ppal"].mean == pytest.approx((0.01 + 0.0275 + 0.035) / 3)
     assert paired_gain_over_rounds(recs)["ppal"].mean == pytest.approx((0.02 + 0.04 + 0.05) / 3)
+
+
+def test_gain_reliability_recovers_the_share_of_spread_that_is_the_batches_own() -> None:
+    import numpy as np
+
+    from magral_core.simulation.statistics import gain_reliability
+
+    rng = np.random.default_rng(0)
+    own = rng.normal(0.0, 1.0, 400)
+    noisy = [[t + rng.normal(0.0, 2.0) for _ in range(4)] for t in own]  # noise var 4 / 4 seeds = own var
+    out = gain_reliability(noisy)
+    assert out["training_std"] == pytest.approx(2.0, rel=0.1)
+    assert out["reliability"] == pytest.approx(0.5, abs=0.1)
+    assert out["ceiling"] == pytest.approx(math.sqrt(out["reliability"]))
+    assert out["seeds_for_0.8"] == pytest.approx(16, abs=5)  # 4 · noise var / own var
+    pure_noise = [[rng.normal(0.0, 1.0) for _ in range(2)] for _ in range(400)]
+    assert gain_reliability(pure_noise)["reliability"] < 0.15
+    assert math.isnan(gain_reliability([[1.0], [2.0], [3.0]])["reliability"])  # one seed: no noise estimate

@@ -8,7 +8,8 @@ between-seed spread of the initial set, which is most of the spread of the raw c
 
 The area under a curve is the trapezoid integral of the metric over labeled images divided by the labeled
 range, i.e. the curve's mean metric per label, in the metric's own units; a one-point curve's area is its
-value. Pure functions over `RoundRecord`s; nothing here reads or writes files.
+value. `gain_reliability` says how far per-batch gains measured over a few training seeds can rank batches
+at all. Pure functions over `RoundRecord`s and arrays; nothing here reads or writes files.
 """
 
 from __future__ import annotations
@@ -187,3 +188,25 @@ def policy_response_by_round(records: Sequence[RoundRecord]) -> dict[str, dict[i
         }
         for name, rounds in sorted(grouped.items())
     }
+
+
+def gain_reliability(pairs: Sequence[Sequence[float]]) -> dict[str, float]:
+    """How much of the spread of per-batch mean gains is the batches' own and not the training seeds'.
+
+    `pairs`: per batch, its real gain under each training seed (batches with at least 2 seeds count). One
+    training's noise variance s² is the mean over batches of the variance over seeds; the batch means'
+    observed variance V holds s²/n of it (n seeds); reliability R = max(0, V − s²/n) / V. No estimator's
+    correlation with the measured gains can exceed about √R ("ceiling"); `seeds_for_0.8` is the seed count
+    that would make R = 0.8 at the estimated spreads (inf when the batches show no spread of their own)."""
+    rows = [np.asarray(v, float) for v in pairs if len(v) >= 2]
+    if len(rows) < 3 or len({len(v) for v in rows}) != 1:
+        return {"training_std": float("nan"), "reliability": float("nan"), "ceiling": float("nan"),
+                "seeds_for_0.8": float("nan")}
+    values = np.stack(rows)
+    n = values.shape[1]
+    noise_var = float(values.var(axis=1, ddof=1).mean())
+    observed = float(values.mean(axis=1).var(ddof=1))
+    own = max(0.0, observed - noise_var / n)
+    r = own / observed if observed > 0 else 0.0
+    return {"training_std": float(np.sqrt(noise_var)), "reliability": r, "ceiling": float(np.sqrt(r)),
+            "seeds_for_0.8": float(np.ceil(4 * noise_var / own)) if own > 0 else float("inf")}
