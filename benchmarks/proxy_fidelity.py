@@ -325,8 +325,11 @@ def markdown(result: dict[str, Any]) -> str:
     if "reliability" in n and not np.isnan(n["reliability"]):
         lines += ["", f"One training's noise: {points(n['training_std'])} (std of a batch's gain between "
                   f"seeds); reliability of the batches' mean gains {n['reliability']:.2f}, so no estimator's "
-                  f"ρ with them can exceed about {n['ceiling']:.2f}; reliability 0.8 would take "
-                  f"{n['seeds_for_0.8']:.0f} training seeds per batch at these spreads."]
+                  f"ρ with them can exceed about {n['ceiling']:.2f}; "
+                  + ("the batch means spread no more than the seeds' noise alone predicts (the batches' "
+                     "own spread is estimated at 0)." if np.isinf(n["seeds_for_0.8"]) else
+                     f"reliability 0.8 would take {n['seeds_for_0.8']:.0f} training seeds per batch at "
+                     "these spreads.")]
     return "\n".join(lines) + "\n"
 
 

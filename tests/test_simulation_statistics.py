@@ -111,8 +111,9 @@ def test_gain_reliability_recovers_the_share_of_spread_that_is_the_batches_own()
 
     rng = np.random.default_rng(0)
     own = rng.normal(0.0, 1.0, 400)
-    noisy = [[t + rng.normal(0.0, 2.0) for _ in range(4)] for t in own]  # noise var 4 / 4 seeds = own var
-    out = gain_reliability(noisy)
+    seed_shift = rng.normal(0.0, 5.0, 4)  # a seed's baseline moves every batch's gain alike: not noise here
+    noisy = [[t + seed_shift[s] + rng.normal(0.0, 2.0) for s in range(4)] for t in own]
+    out = gain_reliability(noisy)  # noise var 4 / 4 seeds = own var 1
     assert out["training_std"] == pytest.approx(2.0, rel=0.1)
     assert out["reliability"] == pytest.approx(0.5, abs=0.1)
     assert out["ceiling"] == pytest.approx(math.sqrt(out["reliability"]))

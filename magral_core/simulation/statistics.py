@@ -193,18 +193,25 @@ def policy_response_by_round(records: Sequence[RoundRecord]) -> dict[str, dict[i
 def gain_reliability(pairs: Sequence[Sequence[float]]) -> dict[str, float]:
     """How much of the spread of per-batch mean gains is the batches' own and not the training seeds'.
 
-    `pairs`: per batch, its real gain under each training seed (batches with at least 2 seeds count). One
-    training's noise variance s² is the mean over batches of the variance over seeds; the batch means'
-    observed variance V holds s²/n of it (n seeds); reliability R = max(0, V − s²/n) / V. No estimator's
-    correlation with the measured gains can exceed about √R ("ceiling"); `seeds_for_0.8` is the seed count
-    that would make R = 0.8 at the estimated spreads (inf when the batches show no spread of their own)."""
-    rows = [np.asarray(v, float) for v in pairs if len(v) >= 2]
-    if len(rows) < 3 or len({len(v) for v in rows}) != 1:
-        return {"training_std": float("nan"), "reliability": float("nan"), "ceiling": float("nan"),
-                "seeds_for_0.8": float("nan")}
+    `pairs`: per batch, its real gain under each of the same n training seeds (batches with fewer seeds are
+    left out). Two-way model gain[k, s] = μ + batch_k + seed_s + ε: a seed's common shift (its baseline
+    training, shared by all batches) is removed, the residual variance σ² = Σ ε² / ((K − 1)(n − 1)) is one
+    training's noise, and the batch means' observed variance V holds σ²/n of it; reliability
+    R = max(0, V − σ²/n) / V. No estimator's correlation with the measured gains can exceed about √R
+    ("ceiling"); `seeds_for_0.8` is the seed count that would make R = 0.8 at the estimated spreads (inf when
+    the batch means spread no more than the noise predicts)."""
+    nan = {"training_std": float("nan"), "reliability": float("nan"), "ceiling": float("nan"),
+           "seeds_for_0.8": float("nan")}
+    lengths = [len(v) for v in pairs]
+    n = max(lengths, default=0)
+    rows = [np.asarray(v, float) for v in pairs if len(v) == n]
+    if n < 2 or len(rows) < 3:
+        return nan
     values = np.stack(rows)
-    n = values.shape[1]
-    noise_var = float(values.var(axis=1, ddof=1).mean())
+    k = len(values)
+    residual = (values - values.mean(axis=1, keepdims=True) - values.mean(axis=0, keepdims=True)
+                + values.mean())
+    noise_var = float((residual**2).sum() / ((k - 1) * (n - 1)))
     observed = float(values.mean(axis=1).var(ddof=1))
     own = max(0.0, observed - noise_var / n)
     r = own / observed if observed > 0 else 0.0
