@@ -197,10 +197,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                                            cache=val_cache)).map
         return 0.0 if np.isnan(value) else float(value)
 
+    retrain_seconds: dict[str, float] = {}  # per cached training: what it took when it ran
+
     def real(positions: np.ndarray, key: str, seed: int) -> float | None:
         path = real_results / f"real_{key}_seed{seed}.json"
         cached = _read(path)
         if cached is not None:
+            retrain_seconds[path.name] = float(cached.get("seconds", 0.0))
             return float(cached["map"])
         if args.estimators_only:
             return None
@@ -216,8 +219,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                            epochs=args.warm_epochs or config.epochs, batch_size=config.batch_size,
                            learning_rate=config.learning_rate, seed=seed, device=config.device)
         value = val_map(model)
-        _write(path, {"map": value, "seed": seed, "images": len(positions), "seconds":
-                      time.perf_counter() - start})
+        retrain_seconds[path.name] = time.perf_counter() - start
+        _write(path, {"map": value, "seed": seed, "images": len(positions),
+                      "seconds": retrain_seconds[path.name]})
         return value
 
     def table(base: dict[int, float], real_map: dict[tuple[int, int], float]) -> dict[str, Any]:
@@ -244,14 +248,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "rho": rows,
             "real_noise": {"within_seed_std": float(np.mean(within)) if within else float("nan"),
                            "between_batch_std": float(np.std(delta)) if len(delta) else float("nan"),
-                           **gain_reliability(list(pairs.values()))},
+                           **{k: v if np.isfinite(v) else None  # JSON has no infinity
+                              for k, v in gain_reliability(list(pairs.values())).items()}},
             "batches": [{"kind": batches[k][0], "indices": r.unlabeled[batches[k][1]].tolist(),
                          "true_objects": int(objects[k]), "predicted_count": float(count[k]),
                          "summed_uncertainty": float(uncertainty[k]),
                          "estimators": {n: v["values"][k] for n, v in values.items()},
                          "real_delta": pairs.get(k, [])} for k in range(len(batches))],
             "real_base": {str(s): v for s, v in base.items()},
-            "seconds": dict(timer.wall),
+            "seconds": {**timer.wall, "retrain": sum(retrain_seconds.values())},
         }
 
     base: dict[int, float] = {}
@@ -291,10 +296,13 @@ def print_result(result: dict[str, Any]) -> None:
         print(f"  {name:24s} {row['rho']:+6.3f}  [{row['low']:+.2f}, {row['high']:+.2f}]  "
               f"{row['record_s']:9.2f}  {row['setup_s']:9.1f}")
     n = result["real_noise"]
+    def fmt(key: str, digits: int) -> str:
+        value = n.get(key)
+        return "-" if value is None else f"{value:.{digits}f}"
+
     print(f"real ΔmAP: std over training seeds {n['within_seed_std']:.4f}, between batches "
-          f"{n['between_batch_std']:.4f}; one training's std {n.get('training_std', float('nan')):.4f}, "
-          f"reliability {n.get('reliability', float('nan')):.2f} "
-          f"(ρ ceiling {n.get('ceiling', float('nan')):.2f})")
+          f"{n['between_batch_std']:.4f}; one training's std {fmt('training_std', 4)}, "
+          f"reliability {fmt('reliability', 2)} (ρ ceiling {fmt('ceiling', 2)})")
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -322,12 +330,12 @@ def markdown(result: dict[str, Any]) -> str:
 
     lines += ["", f"Real ΔmAP: std over training seeds {points(n['within_seed_std'])}, between batches "
               f"{points(n['between_batch_std'])}."]
-    if "reliability" in n and not np.isnan(n["reliability"]):
+    if n.get("reliability") is not None and not np.isnan(n["reliability"]):
         lines += ["", f"One training's noise: {points(n['training_std'])} (std of a batch's gain between "
                   f"seeds); reliability of the batches' mean gains {n['reliability']:.2f}, so no estimator's "
                   f"ρ with them can exceed about {n['ceiling']:.2f}; "
                   + ("the batch means spread no more than the seeds' noise alone predicts (the batches' "
-                     "own spread is estimated at 0)." if np.isinf(n["seeds_for_0.8"]) else
+                     "own spread is estimated at 0)." if n["seeds_for_0.8"] is None else
                      f"reliability 0.8 would take {n['seeds_for_0.8']:.0f} training seeds per batch at "
                      "these spreads.")]
     return "\n".join(lines) + "\n"
