@@ -23,9 +23,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.paired_runs import REPO, paired, paired_markdown, run_side_by_side, simulate_command
+from benchmarks.paired_runs import (
+    REPO,
+    load_variants,
+    paired,
+    paired_markdown,
+    run_side_by_side,
+    simulate_command,
+    variant_parser,
+    write_result,
+)
 
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "bccd"
 DEFAULT_OUT = REPO / "docs" / "results" / "candidates_bccd"
 VARIANTS = ("full", "subset")
 
@@ -46,18 +54,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def report(args: argparse.Namespace) -> int:
-    from magral_core.atomic import atomic_open
-    from magral_core.simulation.reports import load_results
-
-    loaded = {v: load_results(args.out / v / "results.json")[0] for v in VARIANTS}
-    strategies = {r.strategy for recs in loaded.values() for r in recs}
-    if len(strategies) != 1:
-        raise SystemExit(f"expected one strategy in both runs, found {sorted(strategies)}")
-    result = paired(loaded["full"], loaded["subset"], strategies.pop(), VARIANTS)
+    loaded, strategy = load_variants(args.out, VARIANTS)
+    result = paired(loaded["full"], loaded["subset"], strategy, VARIANTS)
     result["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
                           if k in ("strategy", "seeds", "budget", "rounds", "factor", "carry")}
-    with atomic_open(args.out / "candidates.json", "w") as handle:
-        json.dump(result, handle, indent=1)
+    write_result(args.out / "candidates.json", result)
     print(markdown(result))
     return 0
 
@@ -74,21 +75,11 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "report"):
-        p = sub.add_parser(name)
-        p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
-        p.add_argument("--markdown", action="store_true", help="print the table of <out>/candidates.json")
-        p.add_argument("--strategy", default="entropy_max")
-        p.add_argument("--seeds", default="0,1,2")
-        p.add_argument("--budget", type=int, default=20)
-        p.add_argument("--rounds", type=int, default=5)
+    parser, subs = variant_parser(__doc__, out=DEFAULT_OUT, store=REPO / "runs" / "candidates",
+                                  strategy="entropy_max", seeds="0,1,2", table="candidates.json")
+    for p in subs:
         p.add_argument("--factor", type=int, default=2, help="k: random candidates = k · budget")
         p.add_argument("--carry", type=int, default=20, help="previous round's best-ranked carried")
-        p.add_argument("--data", type=Path, default=DEFAULT_DATA)
-        p.add_argument("--store", type=Path, default=REPO / "runs" / "candidates",
-                       help="where the rounds are stored (resumed)")
     args = parser.parse_args(argv)
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))

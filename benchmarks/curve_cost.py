@@ -20,12 +20,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
-from benchmarks.paired_runs import REPO, paired, paired_markdown, run_side_by_side, simulate_command
+from benchmarks.paired_runs import (
+    REPO,
+    load_variants,
+    paired,
+    paired_markdown,
+    run_side_by_side,
+    simulate_command,
+    variant_parser,
+    write_result,
+)
 
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "bccd"
 DEFAULT_OUT = REPO / "docs" / "results" / "curve_cost_bccd"
 VARIANTS = ("cold", "warm")
 
@@ -54,18 +61,11 @@ def analyse(cold: list[Any], warm: list[Any], strategy: str) -> dict[str, Any]:
 
 
 def report(args: argparse.Namespace) -> int:
-    from magral_core.atomic import atomic_open
-    from magral_core.simulation.reports import load_results
-
-    loaded = {v: load_results(args.out / v / "results.json")[0] for v in VARIANTS}
-    strategies = {r.strategy for recs in loaded.values() for r in recs}
-    if len(strategies) != 1:
-        raise SystemExit(f"expected one strategy in both runs, found {sorted(strategies)}")
-    result = analyse(loaded["cold"], loaded["warm"], strategies.pop())
+    loaded, strategy = load_variants(args.out, VARIANTS)
+    result = analyse(loaded["cold"], loaded["warm"], strategy)
     result["settings"] = {k: v for k, v in vars(args).items()
                           if k in ("strategy", "seeds", "budget", "rounds", "warm_epochs")}
-    with atomic_open(args.out / "curve_cost.json", "w") as handle:
-        json.dump(result, handle, indent=1)
+    write_result(args.out / "curve_cost.json", result)
     print(markdown(result))
     return 0
 
@@ -86,20 +86,10 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "report"):
-        p = sub.add_parser(name)
-        p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
-        p.add_argument("--markdown", action="store_true", help="print the table of <out>/curve_cost.json")
-        p.add_argument("--strategy", default="random")
-        p.add_argument("--seeds", default="0")
-        p.add_argument("--budget", type=int, default=20)
-        p.add_argument("--rounds", type=int, default=5)
+    parser, subs = variant_parser(__doc__, out=DEFAULT_OUT, store=REPO / "runs" / "curve_cost",
+                                  strategy="random", seeds="0", table="curve_cost.json")
+    for p in subs:
         p.add_argument("--warm-epochs", type=int, default=3, help="MAGRAL_WARM_EPOCHS of the warm curves")
-        p.add_argument("--data", type=Path, default=DEFAULT_DATA)
-        p.add_argument("--store", type=Path, default=REPO / "runs" / "curve_cost",
-                       help="where the rounds are stored (resumed)")
     args = parser.parse_args(argv)
     if args.markdown:
         print(markdown(json.loads((args.out / "curve_cost.json").read_text())))

@@ -9,6 +9,8 @@ over rounds 1.., the paired area under the curve, and per variant the seconds a 
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import subprocess
 import sys
@@ -94,3 +96,43 @@ def paired_markdown(result: dict[str, Any], names: tuple[str, str]) -> list[str]
               f" (n = {g['n']}); area under the curve: {100 * a['mean']:+.2f} "
               f"[{100 * a['low']:+.2f}, {100 * a['high']:+.2f}].", ""]
     return lines
+
+
+def load_variants(out: Path, variants: tuple[str, str]) -> tuple[dict[str, list[Any]], str]:
+    """The RoundRecords of `<out>/<variant>/results.json` per variant and their one strategy."""
+    from magral_core.simulation.reports import load_results
+
+    loaded = {v: load_results(out / v / "results.json")[0] for v in variants}
+    strategies = {r.strategy for recs in loaded.values() for r in recs}
+    if len(strategies) != 1:
+        raise SystemExit(f"expected one strategy in both runs, found {sorted(strategies)}")
+    return loaded, strategies.pop()
+
+
+def write_result(path: Path, result: dict[str, Any]) -> None:
+    from magral_core.atomic import atomic_open
+
+    with atomic_open(path, "w") as handle:
+        json.dump(result, handle, indent=1)
+
+
+def variant_parser(
+    doc: str | None, *, out: Path, store: Path, strategy: str, seeds: str, table: str
+) -> tuple[argparse.ArgumentParser, list[argparse.ArgumentParser]]:
+    """The `run` / `report` command line both paired benchmarks share; add their own flags to the
+    returned sub-parsers."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
+    sub = parser.add_subparsers(dest="command", required=True)
+    subs = []
+    for name in ("run", "report"):
+        p = sub.add_parser(name)
+        p.add_argument("--out", type=Path, default=out, help="output directory")
+        p.add_argument("--markdown", action="store_true", help=f"print the table of <out>/{table}")
+        p.add_argument("--strategy", default=strategy)
+        p.add_argument("--seeds", default=seeds)
+        p.add_argument("--budget", type=int, default=20)
+        p.add_argument("--rounds", type=int, default=5)
+        p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "bccd")
+        p.add_argument("--store", type=Path, default=store, help="where the rounds are stored (resumed)")
+        subs.append(p)
+    return parser, subs
