@@ -43,6 +43,17 @@ def test_reports_are_written(tmp_path) -> None:
     assert "| coreset | 30.00 | +10.00 | 10 | 10 |" in summary and "| random | 20.00 | — | — | — |" in summary
 
 
+def test_a_baseline_only_run_writes_its_paired_plot_without_a_warning(tmp_path) -> None:
+    import warnings
+
+    records = [_rec("random", 0, 0, 10, 0.2), _rec("random", 0, 1, 20, 0.3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        paths = write_reports(tmp_path, records)
+    assert (tmp_path / "paired.png") in paths and (tmp_path / "paired.png").stat().st_size > 0
+    assert list(csv.reader((tmp_path / "paired.csv").open()))[1:] == []
+
+
 def test_tables_are_regenerated_from_the_results_file(tmp_path, capsys) -> None:
     from magral_core.simulation.__main__ import main
     from magral_core.simulation.reports import load_results, render_markdown

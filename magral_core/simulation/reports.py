@@ -236,7 +236,8 @@ def load_results(path: Path) -> tuple[list[RoundRecord], Metrics | None, str]:
 
 
 def plot_paired(path: Path, paired: dict[str, dict[int, dict[str, float]]], baseline: str) -> None:
-    """Paired difference to the baseline against labeled images, one line per strategy with its 95% band."""
+    """Paired difference to the baseline against labeled images, one line per strategy with its 95% band
+    (a note instead when only the baseline ran)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -251,7 +252,11 @@ def plot_paired(path: Path, paired: dict[str, dict[int, dict[str, float]]], base
     ax.axhline(0.0, color="k", linewidth=0.8)
     ax.set_xlabel("labeled images")
     ax.set_ylabel(f"test mAP × 100 minus {baseline} (same seed)")
-    ax.legend(fontsize=8)
+    if paired:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, f"no strategy besides {baseline} ran: nothing to pair", ha="center",
+                va="center", transform=ax.transAxes)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
