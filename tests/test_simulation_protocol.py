@@ -133,6 +133,15 @@ def test_a_killed_run_resumes_from_the_saved_rounds(tmp_path) -> None:
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_each_record_names_the_machine_that_trained_it(tmp_path) -> None:
+    settings = SimulationSettings(initial=10, budget=5, rounds=2, strategies=("random",))
+    run_simulation(ToyLearner(60), settings, store=RoundStore(tmp_path), machine="first")
+    RoundStore(tmp_path).path("random", 0, 2).unlink()
+    again = run_simulation(ToyLearner(60), settings, store=RoundStore(tmp_path), machine="second")
+    assert [r.machine for r in again] == ["first", "first", "second"]
+    assert RoundStore(tmp_path).load("random", 0, 2).machine == "second"  # type: ignore[union-attr]
+
+
 
 
 class Chained(ToyLearner):

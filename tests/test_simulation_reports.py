@@ -54,6 +54,21 @@ def test_a_baseline_only_run_writes_its_paired_plot_without_a_warning(tmp_path) 
     assert list(csv.reader((tmp_path / "paired.csv").open()))[1:] == []
 
 
+def test_the_summary_says_whether_round_zero_agrees_across_strategies() -> None:
+    from magral_core.simulation.reports import render_markdown
+
+    random = {(0, 0): 0.2, (0, 1): 0.3, (1, 0): 0.21, (1, 1): 0.32}
+
+    def pair(coreset_round0: float, machine: str) -> list[RoundRecord]:
+        return [_rec("random", s, r, 10 + 10 * r, v) for (s, r), v in random.items()] + [
+            RoundRecord("coreset", s, r, 10 + 10 * r, v, v, {}, 1.0, {}, [], [], machine=machine)
+            for s in (0, 1) for r, v in ((0, coreset_round0 if s == 1 else 0.2), (1, 0.35))]
+
+    assert "gave the same model for every strategy" in render_markdown(pair(0.21, "m1"))
+    text = render_markdown(pair(0.25, "m1"))
+    assert "differs across strategies under seed(s) 1 by up to 4.00 points" in text and "`m1`" in text
+
+
 def test_tables_are_regenerated_from_the_results_file(tmp_path, capsys) -> None:
     from magral_core.simulation.__main__ import main
     from magral_core.simulation.reports import load_results, render_markdown

@@ -14,6 +14,7 @@ from magral_core.simulation.statistics import (
     paired_areas,
     paired_differences,
     paired_gain_over_rounds,
+    round_zero_spread,
     t_interval,
 )
 
@@ -121,3 +122,14 @@ def test_gain_reliability_recovers_the_share_of_spread_that_is_the_batches_own()
     pure_noise = [[rng.normal(0.0, 1.0) for _ in range(2)] for _ in range(400)]
     assert gain_reliability(pure_noise)["reliability"] < 0.15
     assert math.isnan(gain_reliability([[1.0], [2.0], [3.0]])["reliability"])  # one seed: no noise estimate
+
+
+def test_round_zero_spread_measures_what_pairing_does_not_remove() -> None:
+    exact = records()
+    assert round_zero_spread(exact) == {s: {"spread": 0.0, "machines": [""]} for s in range(3)}
+    moved = exact[:-3] + [RoundRecord("ppal", 2, r, 20 + 20 * r, v, v, {}, 0.0, {}, [], [], machine="b")
+                          for r, v in enumerate([0.33, 0.44, 0.56])]
+    spread = round_zero_spread(moved)
+    assert spread[2]["spread"] == pytest.approx(0.03) and spread[2]["machines"] == ["", "b"]
+    assert spread[0]["spread"] == 0.0
+    assert round_zero_spread(curve("random", 0, [0.1, 0.2])) == {}  # one strategy: nothing to compare

@@ -160,3 +160,13 @@ def test_fit_detector_follows_the_configured_rule(dataset: DetectionDataset, tmp
     assert report.iterations == 3 and [s for s, _ in report.val_scores] == [2, 3]
     epochs = fit_detector(model, dataset, config.replace(schedule="epochs", epochs=2), val=dataset)
     assert epochs.iterations == 4 and epochs.val_scores == []
+
+
+def test_machine_fingerprint_names_the_torch_build_and_threads() -> None:
+    import torch
+
+    from magral_core.vision.engine import machine_fingerprint
+
+    print_ = machine_fingerprint()
+    assert f"torch {torch.__version__} {torch.backends.cpu.get_cpu_capability()}" in print_
+    assert f"; {torch.get_num_threads()} thread(s)" in print_

@@ -136,7 +136,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         raise UserError(f"--initial {settings.initial} exceeds the pool of {learner.pool_size} images")
     import torch
 
-    from magral_core.vision.engine import setup_torch
+    from magral_core.vision.engine import machine_fingerprint, setup_torch
 
     setup_torch(config.torch_threads)
     torch.manual_seed(config.seed)
@@ -154,7 +154,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
                                    torch_seed=config.seed, log_level=config.log_level)
         else:
             records = run_simulation(learner, settings, factory=make_factory(magral), store=store,
-                                     log=report)
+                                     log=report, machine=machine_fingerprint())
     full = None
     if args.full_pool:
         full_path = store.root / "full_pool.json"

@@ -111,8 +111,10 @@ def _start_worker(threads: int, torch_seed: int, log_level: str) -> None:
 
 def _run_task(learner: Any, settings: SimulationSettings, magral: MagralSettings | None, root: Path
               ) -> list[RoundRecord]:
+    from magral_core.vision.engine import machine_fingerprint
+
     return run_simulation(learner, settings, factory=make_factory(magral), store=RoundStore(root),
-                          log=_log_round)
+                          log=_log_round, machine=machine_fingerprint())
 
 
 def _log_round(rec: RoundRecord) -> None:

@@ -157,6 +157,10 @@ class RoundRecord:
     the next round's candidates carry."""
     warm: bool = False
     """Whether the round's model was trained from the previous round's (`SimulationSettings.warm`)."""
+    machine: str = ""
+    """Where the round ran (`vision.engine.machine_fingerprint`; empty when unknown): equal seeds give
+    equal models only on equal machines, so a resumed run's paired differences across machines carry
+    machine noise (`statistics.round_zero_spread` measures it)."""
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> RoundRecord:
@@ -223,13 +227,14 @@ def run_curve(
     store: RoundStore | None = None,
     log: Callable[[RoundRecord], None] | None = None,
     shared: dict[int, _Trained] | None = None,
+    machine: str = "",
 ) -> list[RoundRecord]:
     """One active-learning curve (rounds 0..settings.rounds); finished rounds in `store` are reused.
 
     `shared` maps a seed to its round-0 model, metrics and pool: round 0 is the same for every strategy
     (same initial set, same training seed), so `run_simulation` trains and evaluates it once per seed.
     A warm curve (`settings.warm`) trains round r from round r - 1's state: kept in memory, or read back
-    from `store` when the curve resumes.
+    from `store` when the curve resumes. `machine` is written into each new record (`RoundRecord.machine`).
     """
     labeled = initial_labeled(learner.pool_size, settings.initial, seed)
     records: list[RoundRecord] = []
@@ -247,7 +252,8 @@ def run_curve(
                     raise ValueError("a warm curve needs the previous round's state")
                 state = store.load_state(strategy_name, seed, r - 1)
             done, state = _round(learner, strategy_name, seed, r, labeled, settings, factory,
-                                 shared if r == 0 else None, carried, state if settings.warm else None)
+                                 shared if r == 0 else None, carried, state if settings.warm else None,
+                                 machine)
             if store:
                 if settings.warm and r < settings.rounds:  # before the record: a stored round has its state
                     store.save_state(strategy_name, seed, r, state)
@@ -274,6 +280,7 @@ def _round(
     shared: dict[int, _Trained] | None,
     carried: list[int],
     previous: Any,
+    machine: str,
 ) -> tuple[RoundRecord, Any]:
     unlabeled = np.setdiff1d(np.arange(learner.pool_size), labeled)
     rule = settings.candidates
@@ -315,7 +322,7 @@ def _round(
         seconds=sum(times.values()), times=times,
         labeled=[int(i) for i in labeled], selected=selected, diagnostics=diagnostics,
         ranked=len(unlabeled) if pool is not None else 0, carried=next_carried,
-        warm=settings.warm and previous is not None,
+        warm=settings.warm and previous is not None, machine=machine,
     ), state
 
 
@@ -353,12 +360,13 @@ def run_simulation(
     factory: StrategyFactory = default_factory,
     store: RoundStore | None = None,
     log: Callable[[RoundRecord], None] | None = None,
+    machine: str = "",
 ) -> list[RoundRecord]:
-    """Every strategy × seed curve, in that order."""
+    """Every strategy × seed curve, in that order; `machine` as in `run_curve`."""
     out: list[RoundRecord] = []
     shared: dict[int, _Trained] = {}
     for name in settings.strategies:
         for seed in settings.seeds:
             out += run_curve(learner, name, seed, settings, factory=factory, store=store, log=log,
-                             shared=shared)
+                             shared=shared, machine=machine)
     return out

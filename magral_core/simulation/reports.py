@@ -27,6 +27,7 @@ from magral_core.simulation.statistics import (
     paired_differences,
     paired_gain_over_rounds,
     policy_response_by_round,
+    round_zero_spread,
     t_interval,
 )
 
@@ -111,6 +112,7 @@ def analyse(
         "labels_to_reach": {key: labels_to_reach(records, target)
                             for key, target in full_pool_targets(full_pool).items()},
         "policy_response": policy_response_by_round(records),
+        "round0_spread": round_zero_spread(records),
     }
 
 
@@ -148,6 +150,7 @@ def render_markdown(
                                                          for n in names) + " |\n"
         gain = result["gain_over_rounds"]
         text += f"| 1–{rounds[-1]} | mean | " + " | ".join(_ci(gain[n]) for n in names) + " |\n"
+        text += _reproducibility_note(result["round0_spread"])
     text += ("\nArea under the curve (mAP over labeled images, trapezoid, divided by the labeled range) "
              f"× 100: mean [95% interval]; paired: minus {baseline}'s under the same seed.\n\n"
              "| strategy | area | paired area |" + "".join(f" labels to {float(k):.0%} |"
@@ -177,6 +180,24 @@ def render_markdown(
                  "per seed (— = not reached).\n")
     return text + "\nTest AP50 × 100, mean ± std over seeds.\n\n" + markdown_table(result["summary"],
                                                                                     metric="ap50")
+
+
+def _reproducibility_note(spread: dict[int, dict[str, Any]]) -> str:
+    """What round 0's spread across strategies (`statistics.round_zero_spread`) says of the pairing."""
+    if not spread:
+        return ""
+    off = {seed: v for seed, v in spread.items() if v["spread"] > 0}
+    if not off:
+        return ("\nRound 0 (the same initial set and training seed for every strategy) gave the same model "
+                "for every strategy under each seed: the pairing holds exactly.\n")
+    worst = max(v["spread"] for v in off.values())
+    machines = sorted({m for v in off.values() for m in v["machines"] if m})
+    where = (f"; machines recorded: {'; '.join(f'`{m}`' for m in machines)}" if machines else
+             "; the records of that run do not name their machines")
+    return (f"\nRound 0 (the same initial set and training seed for every strategy) differs across "
+            f"strategies under seed(s) {', '.join(map(str, sorted(off)))} by up to {100 * worst:.2f} points: "
+            "as when curves are resumed on another machine or a kernel is not deterministic, so their "
+            f"paired differences carry that much noise beyond the seeds' own{where}.\n")
 
 
 def write_reports(

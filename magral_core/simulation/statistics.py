@@ -173,6 +173,25 @@ def paired_gain_over_rounds(
     return _paired(records, baseline, gain, first_round=first_round, confidence=confidence)
 
 
+def round_zero_spread(records: Sequence[RoundRecord], *, metric: str = "map") -> dict[int, dict[str, Any]]:
+    """{seed: {"spread": max − min of round 0's metric over the strategies that ran the seed, "machines":
+    the distinct `RoundRecord.machine`s of the seed's records}} for seeds run by two strategies or more.
+    Round 0 trains the same initial set with the same seed for every strategy, so its spread is 0 on a
+    reproducible run; a nonzero spread (curves resumed on another machine, or nondeterministic kernels) is
+    noise that the paired differences of that seed carry beyond the seeds' own."""
+    out: dict[int, dict[str, Any]] = {}
+    curves = _curves(records)
+    for seed in sorted({rec.seed for rec in records}):
+        first = [rounds[seed][0] for rounds in curves.values() if 0 in rounds.get(seed, {})]
+        if len(first) < 2:
+            continue
+        values = [_value(rec, metric) for rec in first]
+        machines = sorted({rec.machine for rounds in curves.values()
+                           for rec in rounds.get(seed, {}).values()})
+        out[seed] = {"spread": max(values) - min(values), "machines": machines}
+    return out
+
+
 def policy_response_by_round(records: Sequence[RoundRecord]) -> dict[str, dict[int, dict[str, float]]]:
     """{strategy: {round: mean over seeds of each numeric diagnostic}} for rounds whose strategy recorded
     diagnostics (MAGRAL: overlaps with the untrained and the permuted-reward controller's batches)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import platform
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -54,6 +55,21 @@ def setup_torch(threads: int) -> None:
         np.finfo(np.float32), np.finfo(np.float64)
     torch.set_flush_denormal(True)
     torch.set_num_threads(max(1, threads))
+
+
+def machine_fingerprint() -> str:
+    """The machine a model is trained on, as far as it decides float results: CPU model, the CPU kernels
+    torch dispatches to (e.g. AVX512), torch's version and this process's thread count. Two runs with
+    equal inputs and seeds give equal models on equal fingerprints; across fingerprints they may differ."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                         model)
+    except OSError:
+        pass
+    return (f"{model}; torch {torch.__version__} {torch.backends.cpu.get_cpu_capability()}; "
+            f"{torch.get_num_threads()} thread(s)")
 
 
 def torch_device(name: str) -> torch.device:
