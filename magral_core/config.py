@@ -139,6 +139,10 @@ class Config:
     """Training brightness, contrast and saturation jitter: factors drawn from [1 - x, 1 + x] (0–1).
     Default 0.0."""
 
+    trunk_cache_mib: int = field(default=512, metadata={"env": "MAGRAL_TRUNK_CACHE_MIB"})
+    """Memory for frozen trunk maps reused across a training's epochs (and, in `magral simulate`, across
+    rounds and passes over the same images; `vision.trunk_cache`), in MiB; 0 = off. Default 512."""
+
     score_threshold: float = field(default=0.05, metadata={"env": "MAGRAL_SCORE_THRESHOLD"})
     """Detections below this confidence are dropped at inference (0–1). Default 0.05."""
 
@@ -318,7 +322,7 @@ class Config:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, found {getattr(self, name)}")
         for name, low in (("warm_epochs", 0), ("candidates_above", 0), ("candidate_factor", 1),
-                          ("candidate_carry", 0)):
+                          ("candidate_carry", 0), ("trunk_cache_mib", 0)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{_env_name(name)} must be >= {low}, found {getattr(self, name)}")
         if self.threads < 0:

@@ -6,7 +6,8 @@ schedule on the labeled pool images less the proxy's validation part (`proxy.spl
 holds its validation tasks out of training); `pool` runs one `extract` pass over the unlabeled and the labeled
 pool images; `proxy` is the configured reward (`magral_core.method.rewards`, `Config.reward`; the paper's
 proxy by default) on that validation part, with the candidate batch unlabeled. Only `evaluate` reads the test
-split. Heavy modules are imported on first use.
+split. Every training and pass shares one `TrunkCache` (`Config.trunk_cache_mib`): every detector built here
+has the same frozen ImageNet trunk. Heavy modules are imported on first use.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ class DetectorLearner:
         self.pool_data = pool
         self._test = test
         self.config = config
+        from magral_core.vision.engine import trunk_cache_of
+
+        self.trunk = trunk_cache_of(config)
 
     @property
     def pool_size(self) -> int:
@@ -55,14 +59,14 @@ class DetectorLearner:
             warm_start(model, previous)
             config = warm_training(config)
         # the proxy's validation part also stops a "budget" schedule: one carve of the labeled set
-        fit_detector(model, train_set, config, val=self.pool_data.subset(val.tolist()))
+        fit_detector(model, train_set, config, val=self.pool_data.subset(val.tolist()), trunk=self.trunk)
         return model
 
     def evaluate(self, state: Any) -> Metrics:
         from magral_core.vision.engine import predict
         from magral_core.vision.evaluation import evaluate_coco
 
-        result = evaluate_coco(self._test, predict(state, self._test,
+        result = evaluate_coco(self._test, predict(state, self._test, trunk=self.trunk,
                                                    score_threshold=self.config.score_threshold))
         return Metrics(result.map, result.ap50, dict(result.per_class_ap))
 
@@ -70,8 +74,9 @@ class DetectorLearner:
         from magral_core.vision.engine import extract
 
         detections, embeddings = extract(state, self.pool_data.subset(np.asarray(unlabeled).tolist()),
-                                         score_threshold=self.config.score_threshold)
-        _, labeled_embeddings = extract(state, self.pool_data.subset(np.asarray(labeled).tolist()))
+                                         score_threshold=self.config.score_threshold, trunk=self.trunk)
+        _, labeled_embeddings = extract(state, self.pool_data.subset(np.asarray(labeled).tolist()),
+                                        trunk=self.trunk)
         return Pool(embeddings, tuple(detections), labeled_embeddings)
 
     def proxy(self, state: Any, labeled: np.ndarray, unlabeled: np.ndarray) -> ProxyFn | None:
@@ -82,8 +87,10 @@ class DetectorLearner:
         pool, labeled_set = self.pool_data.subset(unlabeled.tolist()), self.pool_data.subset(train.tolist())
         round_ = RewardRound(state, labeled_set, self.pool_data.subset(val.tolist()), pool)
         if needs_detections(self.config.reward):  # label-free detector outputs, pool and labeled images
-            pool_det, pool_emb = extract(state, pool, score_threshold=self.config.score_threshold)
-            lab_det, lab_emb = extract(state, labeled_set, score_threshold=self.config.score_threshold)
+            pool_det, pool_emb = extract(state, pool, score_threshold=self.config.score_threshold,
+                                         trunk=self.trunk)
+            lab_det, lab_emb = extract(state, labeled_set, score_threshold=self.config.score_threshold,
+                                       trunk=self.trunk)
             round_ = RewardRound(state, labeled_set, round_.val, pool, tuple(pool_det), pool_emb,
                                  tuple(lab_det), lab_emb)
         return make_reward(self.config.reward, round_, budget=self.config.budget,

@@ -5,6 +5,9 @@
 `summarise`, `labels_to_reach`, `markdown_table`, `analyse` and `render_markdown` are pure; `write_reports`
 and the plots write files. `python -m magral_core.simulation --markdown DIR` prints the Markdown of
 DIR/results.json: the tables in README are that output, not typed.
+
+Kept as one module because every file and table of a run is rendered from the same `analyse` figures, so
+they cannot disagree.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import platform
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,7 @@ from magral_core.vision.detectors import detector_spec
 from magral_core.vision.detectors.sizing import box_sides_at, image_size_for
 from magral_core.vision.evaluation import evaluate_coco
 from magral_core.vision.schedule import BestKeeper, StepBudget, evaluation_steps
+from magral_core.vision.trunk_cache import TrunkCache
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +208,7 @@ def train_detector(
     validate: Callable[[nn.Module], float] | None = None,
     eval_every: int = 0,
     patience: int = 0,
+    trunk: TrunkCache | None = None,
 ) -> TrainReport:
     """Train `model` in place on every image of `dataset` (images without boxes included) for `epochs`
     passes or `steps` optimiser steps (exactly one of them): SGD (momentum 0.9, weight decay 1e-4), warmup +
@@ -218,8 +220,9 @@ def train_detector(
     every `eval_every` steps and after the last; the state with the best score is loaded back at the end,
     and training stops after `patience` evaluations without a gain (0: runs the whole budget).
 
-    `cache` (same dataset and size) can be passed to reuse decoded images; `on_epoch(epoch, mean_loss)` is
-    called after each epoch. Raises ValueError for an empty dataset or non-positive schedule values.
+    `cache` (same dataset and size) can be passed to reuse decoded images; `trunk` to reuse frozen trunk
+    maps (`vision.trunk_cache`; read only without `augment`); `on_epoch(epoch, mean_loss)` is called after
+    each epoch. Raises ValueError for an empty dataset or non-positive schedule values.
     """
     if len(dataset) == 0:
         raise ValueError("cannot train on an empty dataset")
@@ -263,7 +266,12 @@ def train_detector(
                     *(_target(dataset.images[i], cache[i], bool(flips[i]), dev, augment, augment_rng)
                       for i in batch), strict=True
                 )
-                losses = model(list(images), list(targets))
+                given: AbstractContextManager[object] = nullcontext()
+                if trunk is not None and augment is None:
+                    keys = [_trunk_key(dataset, i, bool(flips[i]), spec.image_size) for i in batch]
+                    given = trunk.context(model, keys, images)
+                with given:
+                    losses = model(list(images), list(targets))
                 loss = sum(losses.values())
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
@@ -298,6 +306,11 @@ def train_detector(
     return TrainReport(len(epoch_losses), step, len(dataset), time.perf_counter() - start,
                        time.process_time() - cpu_start, epoch_losses, keeper.history,
                        keeper.best_step if best_state is not None else None)
+
+
+def _trunk_key(dataset: DetectionDataset, index: int, flip: bool, image_size: int) -> tuple[str, bool, int]:
+    """What decides an image's trunk maps: its file, whether it is flipped, the input size."""
+    return str(dataset.path(dataset.images[index])), flip, image_size
 
 
 @contextmanager
@@ -346,12 +359,14 @@ def extract(
     score_threshold: float = 0.05,
     progress: bool = False,
     cache: DecodedImageCache | None = None,
+    trunk: TrunkCache | None = None,
 ) -> tuple[list[Detections], np.ndarray]:
     """One forward pass per batch giving, per image, its detections (original pixels, 0-based labels,
     `class_probs` when the detector exposes them, scores >= `score_threshold`) and its backbone embedding:
     the global average of every backbone feature map, concatenated, (N, D) float32.
 
-    `images` is a DetectionDataset (files are read) or a sequence of (H, W, 3) uint8 RGB arrays.
+    `images` is a DetectionDataset (files are read) or a sequence of (H, W, 3) uint8 RGB arrays; for a
+    DetectionDataset, `trunk` reuses frozen trunk maps (`vision.trunk_cache`).
     """
     spec = detector_spec(model)
     get = _prepared(images, spec.image_size, cache)
@@ -368,7 +383,13 @@ def extract(
                             "inference")
         for batch in batches:
             prepared = [get(i) for i in batch]
-            outputs = model([p.pixels.to(device=device, dtype=torch.float32).div_(255.0) for p in prepared])
+            tensors = [p.pixels.to(device=device, dtype=torch.float32).div_(255.0) for p in prepared]
+            given: AbstractContextManager[object] = nullcontext()
+            if trunk is not None and isinstance(images, DetectionDataset):
+                keys = [_trunk_key(images, i, False, spec.image_size) for i in batch]
+                given = trunk.context(model, keys, tensors)
+            with given:
+                outputs = model(tensors)
             detections += [_to_detections(o, p.scale, score_threshold, spec.num_classes)
                            for o, p in zip(outputs, prepared, strict=True)]
     finally:
@@ -386,10 +407,11 @@ def predict(
     score_threshold: float = 0.05,
     progress: bool = False,
     cache: DecodedImageCache | None = None,
+    trunk: TrunkCache | None = None,
 ) -> list[Detections]:
     """Detections per image (see `extract`), in the order of `images`."""
     detections, _ = extract(model, images, batch_size=batch_size, score_threshold=score_threshold,
-                            progress=progress, cache=cache)
+                            progress=progress, cache=cache, trunk=trunk)
     return detections
 
 
@@ -397,6 +419,11 @@ def augmentation_of(config: Config) -> Augmentation | None:
     """The configured training augmentation, or None when every part of it is off."""
     augment = Augmentation(zoom_range=(config.zoom_min, config.zoom_max), colour=config.colour_jitter)
     return augment if augment.enabled else None
+
+
+def trunk_cache_of(config: Config) -> TrunkCache | None:
+    """A trunk-map cache of `config.trunk_cache_mib` MiB, or None when it is 0 (off)."""
+    return TrunkCache(config.trunk_cache_mib * 2**20) if config.trunk_cache_mib > 0 else None
 
 
 def fit_detector(
@@ -408,17 +435,20 @@ def fit_detector(
     progress: bool = False,
     cache: DecodedImageCache | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
+    trunk: TrunkCache | None = None,
 ) -> TrainReport:
     """Train `model` on `train` by the configured rule, the one rounds, `magral train` and the simulator
     share: `schedule` "epochs" runs `epochs` passes; "budget" runs `StepBudget(steps_per_image, min_steps,
     max_steps).steps(len(train))` steps and, when `val` has images, checks its mAP every `eval_every` steps,
     keeps the best state and stops after `patience` checks without a gain. `val` is the caller's
-    validation part of the labeled set (never a test split); it is only read under "budget".
+    validation part of the labeled set (never a test split); it is only read under "budget". Frozen trunk
+    maps are reused from `trunk`, or from a cache of `config.trunk_cache_mib` for this training alone.
     """
+    trunk = trunk if trunk is not None else trunk_cache_of(config)
     options: dict[str, Any] = {
         "batch_size": config.batch_size, "learning_rate": config.learning_rate, "seed": config.seed,
         "device": config.device, "progress": progress, "cache": cache, "on_epoch": on_epoch,
-        "augment": augmentation_of(config),
+        "augment": augmentation_of(config), "trunk": trunk,
     }
     if config.schedule == "epochs":
         return train_detector(model, train, epochs=config.epochs, **options)
@@ -427,7 +457,8 @@ def fit_detector(
         val_cache = DecodedImageCache(val, detector_spec(model).image_size)
 
         def validate(candidate: nn.Module) -> float:
-            detections = predict(candidate, val, score_threshold=config.score_threshold, cache=val_cache)
+            detections = predict(candidate, val, score_threshold=config.score_threshold, cache=val_cache,
+                                 trunk=trunk)
             return evaluate_coco(val, detections).map
 
         options.update(validate=validate, eval_every=config.eval_every, patience=config.patience)
