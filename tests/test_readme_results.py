@@ -20,12 +20,20 @@ def _json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
+def _curve_summary(path: Path) -> str:
+    from magral_core.simulation.reports import load_results, render_markdown
+
+    records, full, baseline = load_results(path)
+    return render_markdown(records, full_pool=full, baseline=baseline)
+
+
 TABLES: list[tuple[str, Callable[[Path], str]]] = [
     ("reward_fidelity_L40.json", lambda p: proxy_fidelity.markdown(_json(p))),
     ("reward_fidelity_L80.json", lambda p: proxy_fidelity.markdown(_json(p))),
     ("reward_fidelity_L40_warm3.json", lambda p: proxy_fidelity.markdown(_json(p))),
     ("candidates_bccd/candidates.json", lambda p: candidates.markdown(_json(p))),
     ("curve_cost_bccd/curve_cost.json", lambda p: curve_cost.markdown(_json(p))),
+    ("bccd_headline/results.json", lambda p: _curve_summary(p)),
 ]
 
 
