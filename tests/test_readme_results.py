@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import candidates, curve_cost, proxy_fidelity
+from benchmarks import candidates, curve_cost, proxy_fidelity, trunk_cache
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results"
@@ -33,6 +33,7 @@ TABLES: list[tuple[str, Callable[[Path], str]]] = [
     ("reward_fidelity_L40_warm3.json", lambda p: proxy_fidelity.markdown(_json(p))),
     ("candidates_bccd/candidates.json", lambda p: candidates.markdown(_json(p))),
     ("curve_cost_bccd/curve_cost.json", lambda p: curve_cost.markdown(_json(p))),
+    ("trunk_cache_bccd/trunk_cache.json", lambda p: trunk_cache.markdown(_json(p))),
     ("bccd_headline/results.json", lambda p: _curve_summary(p)),
 ]
 
