@@ -61,7 +61,8 @@ def setup_torch(threads: int) -> None:
 def machine_fingerprint() -> str:
     """The machine a model is trained on, as far as it decides float results: CPU model, the CPU kernels
     torch dispatches to (e.g. AVX512), torch's version and this process's thread count. Two runs with
-    equal inputs and seeds give equal models on equal fingerprints; across fingerprints they may differ."""
+    equal inputs, seeds and settings give equal models on equal fingerprints; across fingerprints they
+    may differ."""
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
