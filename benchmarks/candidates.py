@@ -18,21 +18,10 @@ over rounds 1.., the paired area under the curve, and per variant the seconds a 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Any
 
-from benchmarks.paired_runs import (
-    REPO,
-    load_variants,
-    paired,
-    paired_markdown,
-    run_side_by_side,
-    simulate_command,
-    variant_parser,
-    write_result,
-)
+from benchmarks.paired_runs import REPO, dispatch, paired, paired_markdown, simulate_command, variant_parser
 
 DEFAULT_OUT = REPO / "docs" / "results" / "candidates_bccd"
 VARIANTS = ("full", "subset")
@@ -47,20 +36,9 @@ def variant_command(args: argparse.Namespace, variant: str) -> tuple[list[str], 
                             rounds=args.rounds, store=args.store / variant, out=args.out / variant, env=env)
 
 
-def run(args: argparse.Namespace) -> int:
-    if run_side_by_side({v: variant_command(args, v) for v in VARIANTS}):
-        return 1
-    return report(args)
-
-
-def report(args: argparse.Namespace) -> int:
-    loaded, strategy = load_variants(args.out, VARIANTS)
-    result = paired(loaded["full"], loaded["subset"], strategy, VARIANTS)
-    result["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-                          if k in ("strategy", "seeds", "budget", "rounds", "factor", "carry")}
-    write_result(args.out / "candidates.json", result)
-    print(markdown(result))
-    return 0
+def analyse(full: list[Any], subset: list[Any], strategy: str) -> dict[str, Any]:
+    """`paired` figures of the subset curves against the full ones."""
+    return paired(full, subset, strategy, VARIANTS)
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -83,11 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    if args.markdown:
-        print(markdown(json.loads((args.out / "candidates.json").read_text())))
-        return 0
-    return run(args) if args.command == "run" else report(args)
-
+    return dispatch(args, variants=VARIANTS, command=variant_command, analyse=analyse, markdown=markdown,
+                    table="candidates.json",
+                    settings=("strategy", "seeds", "budget", "rounds", "factor", "carry"))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,20 +18,10 @@ evaluation, features and ranking; round 0 is the same model in both) and their r
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
-from benchmarks.paired_runs import (
-    REPO,
-    load_variants,
-    paired,
-    paired_markdown,
-    run_side_by_side,
-    simulate_command,
-    variant_parser,
-    write_result,
-)
+from benchmarks.paired_runs import REPO, dispatch, paired, paired_markdown, simulate_command, variant_parser
 
 DEFAULT_OUT = REPO / "docs" / "results" / "curve_cost_bccd"
 VARIANTS = ("cold", "warm")
@@ -46,28 +36,12 @@ def variant_command(args: argparse.Namespace, variant: str) -> tuple[list[str], 
                             env={"MAGRAL_WARM_EPOCHS": str(args.warm_epochs)} if warm else {})
 
 
-def run(args: argparse.Namespace) -> int:
-    if run_side_by_side({v: variant_command(args, v) for v in VARIANTS}):
-        return 1
-    return report(args)
-
-
 def analyse(cold: list[Any], warm: list[Any], strategy: str) -> dict[str, Any]:
     """`paired` figures plus each seed's warm / cold curve-time ratio."""
     result = paired(cold, warm, strategy, VARIANTS)
     result["time_ratio"] = {seed: result["warm"]["curve_seconds"][seed] / seconds
                             for seed, seconds in result["cold"]["curve_seconds"].items()}
     return result
-
-
-def report(args: argparse.Namespace) -> int:
-    loaded, strategy = load_variants(args.out, VARIANTS)
-    result = analyse(loaded["cold"], loaded["warm"], strategy)
-    result["settings"] = {k: v for k, v in vars(args).items()
-                          if k in ("strategy", "seeds", "budget", "rounds", "warm_epochs")}
-    write_result(args.out / "curve_cost.json", result)
-    print(markdown(result))
-    return 0
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -90,11 +64,9 @@ def main(argv: list[str] | None = None) -> int:
                                   strategy="random", seeds="0", table="curve_cost.json")
     for p in subs:
         p.add_argument("--warm-epochs", type=int, default=3, help="MAGRAL_WARM_EPOCHS of the warm curves")
-    args = parser.parse_args(argv)
-    if args.markdown:
-        print(markdown(json.loads((args.out / "curve_cost.json").read_text())))
-        return 0
-    return run(args) if args.command == "run" else report(args)
+    return dispatch(parser.parse_args(argv), variants=VARIANTS, command=variant_command, analyse=analyse,
+                    markdown=markdown, table="curve_cost.json",
+                    settings=("strategy", "seeds", "budget", "rounds", "warm_epochs"))
 
 
 if __name__ == "__main__":

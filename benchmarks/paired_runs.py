@@ -3,8 +3,9 @@
 Both variants run the same strategy and seeds (so the same initial sets and round-0 model), each in its own
 `magral simulate` process of one torch thread (`run_side_by_side`); `paired` reads their records and gives,
 per round, the variant's test-mAP difference to the baseline with its 95% interval over the seeds, the mean
-over rounds 1.., the paired area under the curve, and per variant the seconds a round spends. Used by
-`benchmarks.candidates` and `benchmarks.curve_cost`.
+over rounds 1.., the paired area under the curve, and per variant the seconds a round spends; `dispatch` is
+what such a benchmark's command line does. Used by `benchmarks.candidates`, `benchmarks.curve_cost` and
+`benchmarks.trunk_cache`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -136,3 +137,35 @@ def variant_parser(
         p.add_argument("--store", type=Path, default=store, help="where the rounds are stored (resumed)")
         subs.append(p)
     return parser, subs
+
+
+VariantCommand = Callable[[argparse.Namespace, str], tuple[list[str], dict[str, str]]]
+
+
+def dispatch(
+    args: argparse.Namespace,
+    *,
+    variants: tuple[str, str],
+    command: VariantCommand,
+    analyse: Callable[[list[Any], list[Any], str], dict[str, Any]],
+    markdown: Callable[[dict[str, Any]], str],
+    table: str,
+    settings: tuple[str, ...],
+) -> int:
+    """A paired benchmark's command line (`variant_parser`): with `--markdown`, print `markdown` of
+    <out>/<table>; `run` runs both variants side by side (`command(args, variant)`), then reports; `report`
+    reads both runs, writes `analyse(first, second, strategy)` with the `settings` flags to <out>/<table>
+    and prints its `markdown`."""
+    path = args.out / table
+    if args.markdown:
+        print(markdown(json.loads(path.read_text())))
+        return 0
+    if args.command == "run" and run_side_by_side({v: command(args, v) for v in variants}):
+        return 1
+    loaded, strategy = load_variants(args.out, variants)
+    result = analyse(loaded[variants[0]], loaded[variants[1]], strategy)
+    result["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                          if k in settings}
+    write_result(path, result)
+    print(markdown(result))
+    return 0

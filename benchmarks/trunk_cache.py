@@ -18,20 +18,10 @@ ratios cached / computed.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
-from benchmarks.paired_runs import (
-    REPO,
-    load_variants,
-    paired,
-    paired_markdown,
-    run_side_by_side,
-    simulate_command,
-    variant_parser,
-    write_result,
-)
+from benchmarks.paired_runs import REPO, dispatch, paired, paired_markdown, simulate_command, variant_parser
 
 DEFAULT_OUT = REPO / "docs" / "results" / "trunk_cache_bccd"
 VARIANTS = ("computed", "cached")
@@ -43,12 +33,6 @@ def variant_command(args: argparse.Namespace, variant: str) -> tuple[list[str], 
     env = {"MAGRAL_TRUNK_CACHE_MIB": "0"} if variant == "computed" else {}
     return simulate_command(data=args.data, strategy=args.strategy, seeds=args.seeds, budget=args.budget,
                             rounds=args.rounds, store=args.store / variant, out=args.out / variant, env=env)
-
-
-def run(args: argparse.Namespace) -> int:
-    if run_side_by_side({v: variant_command(args, v) for v in VARIANTS}):
-        return 1
-    return report(args)
 
 
 def analyse(computed: list[Any], cached: list[Any], strategy: str) -> dict[str, Any]:
@@ -64,16 +48,6 @@ def analyse(computed: list[Any], cached: list[Any], strategy: str) -> dict[str, 
         | {"curve": result["cached"]["curve_seconds"][seed] / result["computed"]["curve_seconds"][seed]}
         for seed, seconds in result["computed"]["component_seconds"].items()}
     return result
-
-
-def report(args: argparse.Namespace) -> int:
-    loaded, strategy = load_variants(args.out, VARIANTS)
-    result = analyse(loaded["computed"], loaded["cached"], strategy)
-    result["settings"] = {k: v for k, v in vars(args).items()
-                          if k in ("strategy", "seeds", "budget", "rounds")}
-    write_result(args.out / "trunk_cache.json", result)
-    print(markdown(result))
-    return 0
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -95,11 +69,9 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser, _ = variant_parser(__doc__, out=DEFAULT_OUT, store=REPO / "runs" / "trunk_cache",
                                strategy="random", seeds="0", table="trunk_cache.json")
-    args = parser.parse_args(argv)
-    if args.markdown:
-        print(markdown(json.loads((args.out / "trunk_cache.json").read_text())))
-        return 0
-    return run(args) if args.command == "run" else report(args)
+    return dispatch(parser.parse_args(argv), variants=VARIANTS, command=variant_command, analyse=analyse,
+                    markdown=markdown, table="trunk_cache.json",
+                    settings=("strategy", "seeds", "budget", "rounds"))
 
 
 if __name__ == "__main__":
